@@ -1,0 +1,171 @@
+"""FedMER ClientApp: one vehicle or hospital training with Opacus DP-SGD.
+
+Per message: read the node's partition (cached per process), load the global
+weights, train with DP-SGD resuming the node's accountant history from
+``Context.state`` (so epsilon accumulates over every round the node joins; a round it
+is not sampled in costs nothing), clip the model update to norm C, and reply with the
+clipped weights and a MetricRecord of examples, loss, epsilon and delta.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmer import records as rk
+from fedmer.config import ConfigError, ExperimentConfig
+from fedmer.data.base import MultimodalDataset
+from fedmer.data.registry import load_client_dataset
+from fedmer.models import build_model
+from fedmer.privacy.clipping import clip_update
+from fedmer.privacy.engine import (
+    PrivacyHistory,
+    compute_epsilon,
+    make_private,
+    noise_for_target,
+    planned_steps,
+)
+from fedmer.train import evaluate_model, make_loader, seed_everything, train_epochs
+
+__all__ = ["app", "partition_of", "experiment_of"]
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=8)
+def _experiment(items: tuple[tuple[str, object], ...]) -> ExperimentConfig:
+    return ExperimentConfig.from_run_config(dict(items))
+
+
+def experiment_of(context: Context) -> ExperimentConfig:
+    """The validated experiment config of this run (parsed once per process)."""
+    return _experiment(tuple(sorted(context.run_config.items())))
+
+
+def partition_of(context: Context, cfg: ExperimentConfig) -> int:
+    """This node's partition id, checked against the federation size in the config."""
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise ConfigError(
+            "node_config has no 'partition-id': start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        )
+    pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", cfg.federation.num_clients))
+    if n != cfg.federation.num_clients:
+        raise ConfigError(
+            f"invalid num-partitions={n}: the run config has federation.num_clients="
+            f"{cfg.federation.num_clients}; start {cfg.federation.num_clients} SuperNodes "
+            "(simulation: --federation-config num-supernodes=N) or change federation.num_clients"
+        )
+    return pid
+
+
+@functools.lru_cache(maxsize=64)
+def _noise(target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    return noise_for_target(target, delta, rate, steps, accountant)
+
+
+def _noise_multiplier(cfg: ExperimentConfig, num_examples: int) -> float:
+    """The configured noise, or the noise that meets the target epsilon over the whole run."""
+    p, f = cfg.privacy, cfg.federation
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    rate, steps = planned_steps(num_examples, f.batch_size, f.local_epochs, f.num_rounds)
+    return _noise(p.target_epsilon, p.delta, rate, steps, p.accountant)
+
+
+def _model(cfg: ExperimentConfig, data: MultimodalDataset) -> torch.nn.Module:
+    return build_model(cfg.model, data.feature_slices, data.num_classes)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """DP-SGD on the local partition; reply with the clipped update and cumulative epsilon."""
+    torch.set_num_threads(1)
+    cfg = experiment_of(context)
+    pid = partition_of(context, cfg)
+    data = load_client_dataset(cfg, pid)
+    config = msg.content[rk.CONFIG]
+    server_round = int(config[rk.SERVER_ROUND])
+    seed = seed_everything(cfg.seed, server_round, pid)
+
+    model = _model(cfg, data)
+    global_state = msg.content[rk.ARRAYS].to_torch_state_dict()
+    model.load_state_dict(global_state)
+    lr = float(config.get(rk.LR, cfg.federation.lr))
+    epochs = int(config.get(rk.LOCAL_EPOCHS, cfg.federation.local_epochs))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    loader = make_loader(data, cfg.federation.batch_size, seed)
+
+    p = cfg.privacy
+    history = PrivacyHistory.from_lists(dict(context.state[rk.PRIVACY_STATE])) if rk.PRIVACY_STATE in context.state else PrivacyHistory()
+    noise = 0.0
+    trained: torch.nn.Module = model
+    if p.mode == "sample":
+        noise = _noise_multiplier(cfg, len(data))
+        setup = make_private(
+            model, optimizer, loader,
+            noise_multiplier=noise, max_grad_norm=p.max_grad_norm,
+            history=history, accountant=p.accountant,
+        )
+        trained, optimizer, loader = setup.module, setup.optimizer, setup.loader
+    result = train_epochs(
+        trained, loader, optimizer, epochs,
+        proximal_mu=float(config.get(rk.PROXIMAL_MU, 0.0)),
+        global_params=global_state, lr=lr,
+    )
+    if p.mode == "sample":
+        history = setup.history()
+        context.state[rk.PRIVACY_STATE] = ConfigRecord(history.to_lists())
+        epsilon = compute_epsilon(history, p.delta, p.accountant)
+    else:
+        epsilon = math.inf
+
+    clipped, norm, was_clipped = clip_update(model.state_dict(), global_state, p.update_clip_norm)
+    metrics = MetricRecord({
+        rk.NUM_EXAMPLES: len(data),
+        rk.TRAIN_LOSS: result.loss,
+        rk.EPSILON: epsilon,
+        rk.DELTA: p.delta,
+        rk.NOISE_MULTIPLIER: noise,
+        rk.STEPS: history.steps,
+        rk.UPDATE_NORM: norm,
+        rk.UPDATE_CLIPPED: int(was_clipped),
+        rk.PARTITION_ID: pid,
+    })
+    log.info("client %d round %d: loss %.4f, epsilon %.3f (delta %g)", pid, server_round, result.loss, epsilon, p.delta)
+    content = RecordDict({rk.ARRAYS: ArrayRecord(clipped), rk.METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Loss and accuracy of the global model on this node's own data."""
+    torch.set_num_threads(1)
+    cfg = experiment_of(context)
+    pid = partition_of(context, cfg)
+    data = load_client_dataset(cfg, pid)
+    model = _model(cfg, data)
+    model.load_state_dict(msg.content[rk.ARRAYS].to_torch_state_dict())
+    report = evaluate_model(model, data)
+    metrics = MetricRecord({
+        rk.NUM_EXAMPLES: len(data),
+        rk.EVAL_LOSS: report["loss"],
+        rk.EVAL_ACCURACY: report["accuracy"],
+        rk.PARTITION_ID: pid,
+    })
+    return Message(content=RecordDict({rk.METRICS: metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (used for reproducible sampling)."""
+    cfg = experiment_of(context)
+    pid = partition_of(context, cfg)
+    return Message(content=RecordDict({rk.METRICS: MetricRecord({rk.PARTITION_ID: pid})}), reply_to=msg)

@@ -1,0 +1,368 @@
+"""Typed, validated experiment configuration shared by the ServerApp, ClientApp and Hydra.
+
+Flower carries configuration as a flat ``run_config`` of scalars with dotted keys
+(``"privacy.target_epsilon"``); Hydra composes nested groups. Both meet here: every
+section is a frozen dataclass validated on construction, so a bad value stops the run
+before any training, with a message naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "PrivacyConfig",
+    "StrategyConfig",
+    "MODALITIES",
+    "SCENARIOS",
+]
+
+#: Every modality FedMER knows, in the fixed order used by masks and packed tensors.
+MODALITIES: tuple[str, ...] = ("speech", "face", "physio", "can")
+SCENARIOS: tuple[str, ...] = ("driving", "clinic")
+DATASETS: tuple[str, ...] = ("synthetic",)
+PARTITION_SCHEMES: tuple[str, ...] = ("site", "dirichlet")
+FUSIONS: tuple[str, ...] = ("concat", "attention", "late")
+ENCODERS: tuple[str, ...] = ("tcn", "gru")
+PRIVACY_MODES: tuple[str, ...] = ("sample", "off")
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+STRATEGIES: tuple[str, ...] = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
+#: Sentinel used in the flat run_config for "derive the noise from the target epsilon".
+AUTO = "auto"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+def _fail(key: str, value: object, allowed: str) -> None:
+    raise ConfigError(f"invalid {key}={value!r}: {allowed}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(key, value, f"expected one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, *, integer: bool = False) -> None:
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        _fail(key, value, "expected a positive integer")
+    if not isinstance(value, (int, float)) or not value > 0 or math.isnan(value):
+        _fail(key, value, "expected a number > 0")
+
+
+def _fraction(key: str, value: float, *, low_open: bool = True) -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok:
+        _fail(key, value, "expected a fraction in (0, 1]" if low_open else "expected [0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and for the synthetic one, how large and which scenario."""
+
+    name: str = "synthetic"
+    scenario: str = "driving"
+    persons_per_site: int = 4
+    test_persons_per_site: int = 1
+    sequences_per_person: int = 40
+    seq_len: int = 20
+    modalities: str = "all"
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATASETS)
+        _choice("data.scenario", self.scenario, SCENARIOS)
+        _positive("data.persons_per_site", self.persons_per_site, integer=True)
+        _positive("data.test_persons_per_site", self.test_persons_per_site, integer=True)
+        _positive("data.sequences_per_person", self.sequences_per_person, integer=True)
+        _positive("data.seq_len", self.seq_len, integer=True)
+        if self.seq_len < 4:
+            _fail("data.seq_len", self.seq_len, "expected at least 4 frames")
+        self.modality_list  # validates
+
+    @property
+    def modality_list(self) -> tuple[str, ...]:
+        """The modalities this run uses, in canonical order."""
+        if self.modalities == "all":
+            return MODALITIES
+        chosen = [m.strip() for m in self.modalities.split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in MODALITIES]
+        if not chosen or unknown:
+            _fail(
+                "data.modalities",
+                self.modalities,
+                f"expected 'all' or a comma-separated subset of {', '.join(MODALITIES)}",
+            )
+        return tuple(m for m in MODALITIES if m in chosen)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """Who holds what: sites as clients, or label-skewed splits, plus missing sensors."""
+
+    scheme: str = "site"
+    alpha: float = 0.5
+    modality_missing_rate: float = 0.0
+    min_samples: int = 8
+
+    def __post_init__(self) -> None:
+        _choice("partition.scheme", self.scheme, PARTITION_SCHEMES)
+        _positive("partition.alpha", self.alpha)
+        if not 0.0 <= self.modality_missing_rate < 1.0:
+            _fail("partition.modality_missing_rate", self.modality_missing_rate, "expected [0, 1)")
+        _positive("partition.min_samples", self.min_samples, integer=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Per-modality temporal encoders and how their embeddings are fused."""
+
+    encoder: str = "tcn"
+    fusion: str = "attention"
+    hidden: int = 32
+
+    def __post_init__(self) -> None:
+        _choice("model.encoder", self.encoder, ENCODERS)
+        _choice("model.fusion", self.fusion, FUSIONS)
+        _positive("model.hidden", self.hidden, integer=True)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD in every client, plus the client-side update clip C.
+
+    ``noise_multiplier=None`` means: derive it from ``target_epsilon`` for the whole
+    planned run (every round, as if the client were sampled each time), so the
+    cumulative epsilon never exceeds the target.
+    """
+
+    mode: str = "sample"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    update_clip_norm: float = 5.0
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        _choice("privacy.mode", self.mode, PRIVACY_MODES)
+        _choice("privacy.accountant", self.accountant, ACCOUNTANTS)
+        if not (isinstance(self.target_epsilon, (int, float)) and self.target_epsilon > 0):
+            _fail("privacy.target_epsilon", self.target_epsilon, "expected a number > 0")
+        if not (isinstance(self.delta, (int, float)) and 0.0 < self.delta < 1.0):
+            _fail("privacy.delta", self.delta, "expected a number in the open interval (0, 1)")
+        if self.noise_multiplier is not None and not (
+            isinstance(self.noise_multiplier, (int, float)) and self.noise_multiplier >= 0
+        ):
+            _fail("privacy.noise_multiplier", self.noise_multiplier, f"expected '{AUTO}' or >= 0")
+        if self.mode == "sample" and self.noise_multiplier is None and math.isinf(self.target_epsilon):
+            _fail(
+                "privacy.target_epsilon",
+                self.target_epsilon,
+                "an infinite target gives no noise: use privacy.mode=off for a non-private run",
+            )
+        _positive("privacy.max_grad_norm", self.max_grad_norm)
+        _positive("privacy.update_clip_norm", self.update_clip_norm)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """The server-side aggregation rule and its own knobs (ignored where not used)."""
+
+    name: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.1
+    server_momentum: float = 0.9
+    tau: float = 1e-3
+    trim_beta: float = 0.2
+    num_malicious: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("strategy.name", self.name, STRATEGIES)
+        if self.proximal_mu < 0:
+            _fail("strategy.proximal_mu", self.proximal_mu, "expected >= 0")
+        _positive("strategy.server_lr", self.server_lr)
+        if not 0.0 <= self.server_momentum < 1.0:
+            _fail("strategy.server_momentum", self.server_momentum, "expected [0, 1)")
+        _positive("strategy.tau", self.tau)
+        if not 0.0 <= self.trim_beta < 0.5:
+            _fail("strategy.trim_beta", self.trim_beta, "expected [0, 0.5)")
+        if isinstance(self.num_malicious, bool) or not isinstance(self.num_malicious, int) or self.num_malicious < 0:
+            _fail("strategy.num_malicious", self.num_malicious, "expected an integer >= 0")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Clients, rounds, sampling and the local training recipe."""
+
+    num_clients: int = 10
+    num_rounds: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_clients: int = 2
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    client_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("federation.num_clients", self.num_clients, integer=True)
+        _positive("federation.num_rounds", self.num_rounds, integer=True)
+        _fraction("federation.fraction_train", self.fraction_train)
+        _fraction("federation.fraction_evaluate", self.fraction_evaluate, low_open=False)
+        _positive("federation.min_train_clients", self.min_train_clients, integer=True)
+        _positive("federation.local_epochs", self.local_epochs, integer=True)
+        _positive("federation.batch_size", self.batch_size, integer=True)
+        _positive("federation.lr", self.lr)
+        _positive("federation.client_cpus", self.client_cpus)
+
+    @property
+    def clients_per_round(self) -> int:
+        """How many clients Flower's strategies sample each round (their own rule)."""
+        return max(int(self.num_clients * self.fraction_train), self.min_train_clients)
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "partition": PartitionConfig,
+    "model": ModelConfig,
+    "privacy": PrivacyConfig,
+    "strategy": StrategyConfig,
+    "federation": FederationConfig,
+}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One whole run: every section plus the seed and where results go."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    seed: int = 0
+    output_dir: str = "outputs/flwr/{run_id}"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            _fail("seed", self.seed, "expected an integer >= 0")
+        fed = self.federation
+        if fed.min_train_clients > fed.num_clients:
+            _fail(
+                "federation.min_train_clients",
+                fed.min_train_clients,
+                f"the strategy needs at least this many clients but federation.num_clients="
+                f"{fed.num_clients}; lower it or add clients",
+            )
+        needed = _strategy_min_clients(self.strategy)
+        if fed.clients_per_round < needed:
+            _fail(
+                "federation.num_clients",
+                fed.num_clients,
+                f"strategy {self.strategy.name} with strategy.num_malicious="
+                f"{self.strategy.num_malicious} needs at least {needed} clients per round, "
+                f"but this config samples {fed.clients_per_round} "
+                "(num_clients x fraction_train, at least min_train_clients)",
+            )
+
+    # -- flat Flower run_config ------------------------------------------------------
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flatten to Flower's scalar ``run_config`` with dotted keys."""
+        flat: dict[str, bool | int | float | str] = {"seed": self.seed, "output.dir": self.output_dir}
+        for name in _SECTIONS:
+            for key, value in asdict(getattr(self, name)).items():
+                flat[f"{name}.{key}"] = AUTO if value is None else value
+        return flat
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
+        """Build (and validate) from a flat run_config; unknown keys are an error."""
+        known = {"seed", "output.dir"} | {
+            f"{name}.{f.name}" for name, section in _SECTIONS.items() for f in fields(section)
+        }
+        unknown = sorted(set(run_config) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(known))}"
+            )
+        sections: dict[str, Any] = {}
+        for name, section in _SECTIONS.items():
+            kwargs = {}
+            for f in fields(section):
+                key = f"{name}.{f.name}"
+                if key in run_config:
+                    kwargs[f.name] = _coerce(key, run_config[key], f.type)
+            sections[name] = section(**kwargs)
+        extra: dict[str, Any] = {}
+        if "seed" in run_config:
+            extra["seed"] = _coerce("seed", run_config["seed"], "int")
+        if "output.dir" in run_config:
+            extra["output_dir"] = str(run_config["output.dir"])
+        return cls(**sections, **extra)
+
+    @classmethod
+    def from_nested(cls, nested: Mapping[str, Any]) -> ExperimentConfig:
+        """Build from a nested mapping (a resolved Hydra config)."""
+        flat: dict[str, Any] = {}
+        for key, value in nested.items():
+            if key in _SECTIONS and isinstance(value, Mapping):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            elif key == "output" and isinstance(value, Mapping):
+                flat.update({f"output.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return cls.from_run_config(flat)
+
+
+def _strategy_min_clients(strategy: StrategyConfig) -> int:
+    """Replies an aggregation rule needs to tolerate ``num_malicious`` clients."""
+    f = strategy.num_malicious
+    if strategy.name == "bulyan":
+        return 4 * f + 3
+    if strategy.name in ("krum", "multikrum"):
+        return 2 * f + 3
+    if strategy.name == "fedtrimmedavg":
+        return 3
+    return 1
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Turn a run_config scalar into the dataclass field type, or fail naming the key."""
+    type_name = str(type_name)
+    try:
+        if type_name == "float | None":
+            return None if value in (AUTO, None) else float(value)
+        if type_name == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        if type_name == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid {key}={value!r}: expected a value of type {type_name}") from None
+    return value

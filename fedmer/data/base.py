@@ -1,0 +1,112 @@
+"""The one in-memory form every FedMER dataset takes.
+
+All modalities share a time axis, so a sample is one packed ``(T, F)`` array whose
+feature columns are cut into modality slices, plus a boolean mask saying which
+modalities were actually recorded. A single packed tensor keeps Opacus' per-sample
+gradient hooks simple (one batch dimension, one input) and lets the same model run
+on any subset of modalities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+__all__ = ["MultimodalDataset", "DatasetSplit"]
+
+
+@dataclass(frozen=True)
+class MultimodalDataset:
+    """Samples of packed multimodal sequences with their masks, labels and owners."""
+
+    x: np.ndarray  # (N, T, F) float32; columns of absent modalities are zero
+    mask: np.ndarray  # (N, M) bool, M = len(modalities); True = modality present
+    y: np.ndarray  # (N,) int64 class index
+    person: np.ndarray  # (N,) int64 globally unique person id
+    site: np.ndarray  # (N,) int64 site (vehicle / hospital) id
+    modalities: tuple[str, ...]
+    feature_slices: tuple[tuple[int, int], ...]  # per modality: (start, stop) columns of x
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.y)
+        if self.x.ndim != 3 or self.x.shape[0] != n:
+            raise ValueError(f"x must have shape (N, T, F) with N={n}, got {self.x.shape}")
+        if self.mask.shape != (n, len(self.modalities)):
+            raise ValueError(f"mask must have shape ({n}, {len(self.modalities)}), got {self.mask.shape}")
+        if len(self.feature_slices) != len(self.modalities):
+            raise ValueError("feature_slices must give one (start, stop) per modality")
+        for arr, name in ((self.person, "person"), (self.site, "site")):
+            if arr.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        """Number of feature columns of each modality."""
+        return {m: b - a for m, (a, b) in zip(self.modalities, self.feature_slices)}
+
+    def subset(self, index: np.ndarray) -> MultimodalDataset:
+        """The samples at ``index`` (an integer array), as a new dataset."""
+        index = np.asarray(index, dtype=np.int64)
+        return MultimodalDataset(
+            x=self.x[index],
+            mask=self.mask[index],
+            y=self.y[index],
+            person=self.person[index],
+            site=self.site[index],
+            modalities=self.modalities,
+            feature_slices=self.feature_slices,
+            class_names=self.class_names,
+        )
+
+    def with_mask(self, mask: np.ndarray) -> MultimodalDataset:
+        """Same samples with a new modality mask; columns of masked modalities are zeroed."""
+        mask = np.asarray(mask, dtype=bool)
+        x = self.x.copy()
+        for j, (a, b) in enumerate(self.feature_slices):
+            x[~mask[:, j], :, a:b] = 0.0
+        return MultimodalDataset(
+            x=x,
+            mask=mask,
+            y=self.y,
+            person=self.person,
+            site=self.site,
+            modalities=self.modalities,
+            feature_slices=self.feature_slices,
+            class_names=self.class_names,
+        )
+
+    def to_tensors(self) -> TensorDataset:
+        """``(x float32, mask float32, y int64)`` for a DataLoader."""
+        return TensorDataset(
+            torch.from_numpy(np.ascontiguousarray(self.x, dtype=np.float32)),
+            torch.from_numpy(self.mask.astype(np.float32)),
+            torch.from_numpy(self.y.astype(np.int64)),
+        )
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    """Training pool (to be partitioned across clients) and held-out test persons."""
+
+    train: MultimodalDataset
+    test: MultimodalDataset
+
+    def __post_init__(self) -> None:
+        shared = set(self.train.person.tolist()) & set(self.test.person.tolist())
+        if shared:
+            raise ValueError(f"test persons also appear in training: {sorted(shared)[:10]}")

@@ -1,0 +1,136 @@
+"""Opacus DP-SGD for one client, with an accountant whose history outlives the round.
+
+Flower's Opacus example builds a fresh ``PrivacyEngine`` every round, so its epsilon
+covers one round. Here the accountant's history, a list of
+``(noise_multiplier, sample_rate, steps)``, is loaded before training and saved after,
+so the epsilon a client reports is its cumulative spend over every round it joined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+from torch.utils.data import DataLoader
+
+__all__ = [
+    "PrivacyHistory",
+    "DPSetup",
+    "compute_epsilon",
+    "noise_for_target",
+    "planned_steps",
+    "make_private",
+]
+
+#: One accountant entry: (noise multiplier, sampling rate, number of steps).
+HistoryEntry = tuple[float, float, int]
+
+
+@dataclass(frozen=True)
+class PrivacyHistory:
+    """A client's accountant history, in the form Opacus' accountants store it."""
+
+    entries: tuple[HistoryEntry, ...] = ()
+
+    @property
+    def steps(self) -> int:
+        return sum(int(e[2]) for e in self.entries)
+
+    def to_lists(self) -> dict[str, list[float] | list[int]]:
+        """Columns for a Flower ConfigRecord (lists of scalars only)."""
+        return {
+            "noise": [float(e[0]) for e in self.entries],
+            "rate": [float(e[1]) for e in self.entries],
+            "steps": [int(e[2]) for e in self.entries],
+        }
+
+    @classmethod
+    def from_lists(cls, record: dict) -> PrivacyHistory:
+        noise, rate, steps = (list(record.get(k, [])) for k in ("noise", "rate", "steps"))
+        if not len(noise) == len(rate) == len(steps):
+            raise ValueError(f"corrupt privacy history: column lengths {len(noise)}, {len(rate)}, {len(steps)}")
+        return cls(tuple((float(n), float(r), int(s)) for n, r, s in zip(noise, rate, steps)))
+
+    def extended(self, entries: Sequence[HistoryEntry]) -> PrivacyHistory:
+        return PrivacyHistory(self.entries + tuple((float(n), float(r), int(s)) for n, r, s in entries))
+
+
+def compute_epsilon(history: PrivacyHistory, delta: float, accountant: str = "rdp") -> float:
+    """Cumulative epsilon of ``history`` at ``delta`` under the named Opacus accountant."""
+    if not history.entries:
+        return 0.0
+    if all(e[0] == 0.0 for e in history.entries):
+        return math.inf
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [tuple(e) for e in history.entries]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def planned_steps(num_examples: int, batch_size: int, local_epochs: int, num_rounds: int) -> tuple[float, int]:
+    """Sample rate and total DP-SGD steps if the client joins every round.
+
+    Matches Opacus' ``DPDataLoader``: sample rate ``1 / len(loader)`` and
+    ``len(loader)`` steps per epoch.
+    """
+    steps_per_epoch = max(1, math.ceil(num_examples / batch_size))
+    return 1.0 / steps_per_epoch, steps_per_epoch * local_epochs * num_rounds
+
+
+def noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
+    """Smallest noise multiplier whose epsilon after ``steps`` stays within the target."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    )
+
+
+@dataclass
+class DPSetup:
+    """What ``make_private`` hands back: wrapped objects plus the engine to read spend from."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    engine: PrivacyEngine
+    noise_multiplier: float
+
+    def history(self) -> PrivacyHistory:
+        return PrivacyHistory(tuple((float(n), float(r), int(s)) for n, r, s in self.engine.accountant.history))
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    history: PrivacyHistory,
+    accountant: str = "rdp",
+) -> DPSetup:
+    """Wrap model, optimizer and loader for DP-SGD with Poisson sampling, resuming ``history``."""
+    engine = PrivacyEngine(accountant=accountant)
+    engine.accountant.history = [tuple(e) for e in history.entries]
+    module, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+    )
+    return DPSetup(module, dp_optimizer, dp_loader, engine, noise_multiplier)

@@ -1,0 +1,54 @@
+"""Names of the records and keys exchanged between ServerApp and ClientApp.
+
+Both sides import these constants, so a renamed key is a compile-time change in one
+place rather than a silent mismatch between two string literals.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "METRICS",
+    "PRIVACY_STATE",
+    "NUM_EXAMPLES",
+    "TRAIN_LOSS",
+    "EVAL_LOSS",
+    "EVAL_ACCURACY",
+    "EPSILON",
+    "DELTA",
+    "NOISE_MULTIPLIER",
+    "STEPS",
+    "UPDATE_NORM",
+    "UPDATE_CLIPPED",
+    "PARTITION_ID",
+    "SERVER_ROUND",
+    "PROXIMAL_MU",
+    "LR",
+    "LOCAL_EPOCHS",
+]
+
+# RecordDict keys (Flower strategies use "arrays" / "config" by default)
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+PRIVACY_STATE = "fedmer.privacy"  # ConfigRecord in Context.state: the accountant history
+
+# MetricRecord keys sent by clients
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train_loss"
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise_multiplier"
+STEPS = "dp_steps"
+UPDATE_NORM = "update_norm"
+UPDATE_CLIPPED = "update_clipped"
+PARTITION_ID = "partition_id"
+
+# ConfigRecord keys sent by the server
+SERVER_ROUND = "server-round"  # injected by every Flower strategy
+PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
+LR = "lr"
+LOCAL_EPOCHS = "local-epochs"

@@ -1,0 +1,144 @@
+"""FedMER ServerApp: config -> model + Flower strategy -> rounds -> result files.
+
+The server evaluates the global model every round on held-out persons who are in no
+client, logs the max and mean cumulative client epsilon, and writes per-round JSON
+lines and CSV, a final checkpoint, a summary and a learning-curve plot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedmer import records as rk
+from fedmer.config import ExperimentConfig
+from fedmer.data.registry import load_client_dataset, load_split
+from fedmer.grid import PartitionOrderedGrid
+from fedmer.models import build_model
+from fedmer.plots import plot_learning_curve
+from fedmer.results import RunRecorder
+from fedmer.strategies import AccountedStrategy, RoundReport, build_strategy
+from fedmer.train import evaluate_model
+
+__all__ = ["app", "run_server", "resolve_output_dir"]
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+def resolve_output_dir(cfg: ExperimentConfig, run_id: int) -> Path:
+    """``output.dir`` with ``{run_id}`` filled in, made absolute."""
+    return Path(cfg.output_dir.replace("{run_id}", str(run_id))).expanduser().resolve()
+
+
+def check_partitions(cfg: ExperimentConfig) -> list[int]:
+    """Build every client's partition once, so a bad partition fails before round 1."""
+    return [len(load_client_dataset(cfg, pid)) for pid in range(cfg.federation.num_clients)]
+
+
+def _round_row(server_round: int, report: dict[str, Any], rr: RoundReport | None, cfg: ExperimentConfig,
+               elapsed: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    clients = rr.clients if rr else []
+    eps = rr.epsilons() if rr else []
+    off = cfg.privacy.mode == "off"
+    norms = [float(c[rk.UPDATE_NORM]) for c in clients]
+    row = {
+        "round": server_round,
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "uar": report["uar"],
+        "loss": report["loss"],
+        "epsilon_max": (math.inf if off else max(eps)) if eps else (math.inf if off and clients else 0.0),
+        "epsilon_mean": (math.inf if off else statistics.fmean(eps)) if eps else (math.inf if off and clients else 0.0),
+        "delta": None if off else cfg.privacy.delta,
+        "accountant": "none" if off else cfg.privacy.accountant,
+        "privacy_unit": "none" if off else "sample",
+        "clients_sampled": rr.sampled if rr else 0,
+        "clients_replied": len(clients),
+        "clients_failed": len(rr.failures) if rr else 0,
+        "train_loss": statistics.fmean(float(c[rk.TRAIN_LOSS]) for c in clients) if clients else None,
+        "update_norm_mean": statistics.fmean(norms) if norms else None,
+        "update_clipped_frac": statistics.fmean(float(c[rk.UPDATE_CLIPPED]) for c in clients) if clients else None,
+        "elapsed_s": round(elapsed, 3),
+    }
+    detail = {
+        "per_class_recall": report["per_class_recall"],
+        "confusion": report["confusion"],
+        "client_epsilons": {int(c[rk.PARTITION_ID]): float(c[rk.EPSILON]) for c in clients},
+        "failures": rr.failures if rr else [],
+    }
+    return row, detail
+
+
+def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, Any]:
+    """Run every round of ``cfg`` on ``grid``; return the summary (also written to disk)."""
+    random.seed(cfg.seed)  # Flower's samplers use the module-level `random`
+    torch.manual_seed(cfg.seed)
+    split = load_split(cfg)
+    sizes = check_partitions(cfg)
+    out_dir = resolve_output_dir(cfg, run_id)
+    log.info("FedMER run: %d clients (%d-%d samples), %d held-out persons; results in %s",
+             len(sizes), min(sizes), max(sizes), len(set(split.test.person.tolist())), out_dir)
+
+    model = build_model(cfg.model, split.test.feature_slices, split.test.num_classes)
+    strategy: AccountedStrategy = build_strategy(cfg)
+    recorder = RunRecorder(out_dir, cfg)
+    t0 = time.monotonic()
+    progress = Progress(TextColumn("[bold]FedMER[/] round"), MofNCompleteColumn(), BarColumn(),
+                        TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    task = progress.add_task("rounds", total=cfg.federation.num_rounds, status="")
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        report = evaluate_model(model, split.test)
+        row, detail = _round_row(server_round, report, strategy.rounds.get(server_round), cfg,
+                                 time.monotonic() - t0)
+        recorder.record(row, detail)
+        status = f"UAR {row['uar']:.3f}  max ε {row['epsilon_max']:.2f}"
+        if row["delta"] is not None:
+            status += f" (δ={row['delta']:g}, {row['accountant']}, per sample)"
+        progress.update(task, completed=server_round, status=status)
+        log.info("round %d: held-out UAR %.4f, macro-F1 %.4f, acc %.4f | %s", server_round, row["uar"],
+                 row["macro_f1"], row["accuracy"], status)
+        return MetricRecord({k: float(row[k]) for k in ("accuracy", "macro_f1", "uar", "loss")})
+
+    train_config = ConfigRecord({rk.LR: cfg.federation.lr, rk.LOCAL_EPOCHS: cfg.federation.local_epochs})
+    with progress:
+        result = strategy.start(
+            grid=PartitionOrderedGrid(grid),
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.federation.num_rounds,
+            train_config=train_config,
+            evaluate_fn=evaluate_fn,
+        )
+    final_state = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
+    extra = {
+        "wall_time_s": round(time.monotonic() - t0, 2),
+        "clients_failed_total": sum(len(r.failures) for r in strategy.rounds.values()),
+        "chance_uar": 1.0 / split.test.num_classes,
+        "class_names": list(split.test.class_names),
+    }
+    summary = recorder.finish(final_state, extra)
+    plot_learning_curve(recorder.rows, out_dir / "learning_curve.png", chance=1.0 / split.test.num_classes,
+                        title=f"{cfg.data.scenario}: {cfg.model.fusion} fusion, {cfg.strategy.name}, "
+                              f"{cfg.federation.num_clients} clients")
+    log.info("FedMER finished: final held-out UAR %.4f; files in %s", summary["final"].get("uar", float("nan")),
+             out_dir)
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point (``flwr run .`` and the Hydra launcher both land here)."""
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    run_server(grid, cfg, run_id=context.run_id)

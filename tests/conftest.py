@@ -1,0 +1,33 @@
+"""Shared fixtures: paths, and the Hydra composition helper used by config tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Keep torch to one thread in tests: faster and deterministic on 2 cores."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
+def compose(overrides: list[str] | None = None, output_dir: str = "outputs/flwr/{run_id}"):
+    """Compose configs/config.yaml with overrides, as `python -m simulations.run` would.
+
+    Outside ``@hydra.main`` there is no run folder, so ``output.dir`` is set explicitly.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    overrides = [*(overrides or []), f"output.dir='{output_dir}'"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS), job_name="test"):
+        return hydra_compose(config_name="config", overrides=overrides)
