@@ -14,13 +14,13 @@ import logging
 import math
 
 import torch
+from fedmer.data.registry import load_client_dataset
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmer import records as rk
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
-from fedmer.data.registry import load_client_dataset
 from fedmer.models import build_model
 from fedmer.privacy.clipping import clip_update
 from fedmer.privacy.engine import (
@@ -32,7 +32,7 @@ from fedmer.privacy.engine import (
 )
 from fedmer.train import evaluate_model, make_loader, seed_everything, train_epochs
 
-__all__ = ["app", "partition_of", "experiment_of"]
+__all__ = ["app", "experiment_of", "partition_of"]
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -56,7 +56,10 @@ def partition_of(context: Context, cfg: ExperimentConfig) -> int:
             "node_config has no 'partition-id': start the SuperNode with "
             "--node-config 'partition-id=<i> num-partitions=<n>'"
         )
-    pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", cfg.federation.num_clients))
+    pid, n = (
+        int(node_config["partition-id"]),
+        int(node_config.get("num-partitions", cfg.federation.num_clients)),
+    )
     if n != cfg.federation.num_clients:
         raise ConfigError(
             f"invalid num-partitions={n}: the run config has federation.num_clients="
@@ -104,21 +107,33 @@ def train(msg: Message, context: Context) -> Message:
     loader = make_loader(data, cfg.federation.batch_size, seed)
 
     p = cfg.privacy
-    history = PrivacyHistory.from_lists(dict(context.state[rk.PRIVACY_STATE])) if rk.PRIVACY_STATE in context.state else PrivacyHistory()
+    history = (
+        PrivacyHistory.from_lists(dict(context.state[rk.PRIVACY_STATE]))
+        if rk.PRIVACY_STATE in context.state
+        else PrivacyHistory()
+    )
     noise = 0.0
     trained: torch.nn.Module = model
     if p.mode == "sample":
         noise = _noise_multiplier(cfg, len(data))
         setup = make_private(
-            model, optimizer, loader,
-            noise_multiplier=noise, max_grad_norm=p.max_grad_norm,
-            history=history, accountant=p.accountant,
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=noise,
+            max_grad_norm=p.max_grad_norm,
+            history=history,
+            accountant=p.accountant,
         )
         trained, optimizer, loader = setup.module, setup.optimizer, setup.loader
     result = train_epochs(
-        trained, loader, optimizer, epochs,
+        trained,
+        loader,
+        optimizer,
+        epochs,
         proximal_mu=float(config.get(rk.PROXIMAL_MU, 0.0)),
-        global_params=global_state, lr=lr,
+        global_params=global_state,
+        lr=lr,
     )
     if p.mode == "sample":
         history = setup.history()
@@ -128,18 +143,27 @@ def train(msg: Message, context: Context) -> Message:
         epsilon = math.inf
 
     clipped, norm, was_clipped = clip_update(model.state_dict(), global_state, p.update_clip_norm)
-    metrics = MetricRecord({
-        rk.NUM_EXAMPLES: len(data),
-        rk.TRAIN_LOSS: result.loss,
-        rk.EPSILON: epsilon,
-        rk.DELTA: p.delta,
-        rk.NOISE_MULTIPLIER: noise,
-        rk.STEPS: history.steps,
-        rk.UPDATE_NORM: norm,
-        rk.UPDATE_CLIPPED: int(was_clipped),
-        rk.PARTITION_ID: pid,
-    })
-    log.info("client %d round %d: loss %.4f, epsilon %.3f (delta %g)", pid, server_round, result.loss, epsilon, p.delta)
+    metrics = MetricRecord(
+        {
+            rk.NUM_EXAMPLES: len(data),
+            rk.TRAIN_LOSS: result.loss,
+            rk.EPSILON: epsilon,
+            rk.DELTA: p.delta,
+            rk.NOISE_MULTIPLIER: noise,
+            rk.STEPS: history.steps,
+            rk.UPDATE_NORM: norm,
+            rk.UPDATE_CLIPPED: int(was_clipped),
+            rk.PARTITION_ID: pid,
+        }
+    )
+    log.info(
+        "client %d round %d: loss %.4f, epsilon %.3f (delta %g)",
+        pid,
+        server_round,
+        result.loss,
+        epsilon,
+        p.delta,
+    )
     content = RecordDict({rk.ARRAYS: ArrayRecord(clipped), rk.METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
@@ -154,12 +178,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _model(cfg, data)
     model.load_state_dict(msg.content[rk.ARRAYS].to_torch_state_dict())
     report = evaluate_model(model, data)
-    metrics = MetricRecord({
-        rk.NUM_EXAMPLES: len(data),
-        rk.EVAL_LOSS: report["loss"],
-        rk.EVAL_ACCURACY: report["accuracy"],
-        rk.PARTITION_ID: pid,
-    })
+    metrics = MetricRecord(
+        {
+            rk.NUM_EXAMPLES: len(data),
+            rk.EVAL_LOSS: report["loss"],
+            rk.EVAL_ACCURACY: report["accuracy"],
+            rk.PARTITION_ID: pid,
+        }
+    )
     return Message(content=RecordDict({rk.METRICS: metrics}), reply_to=msg)
 
 

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = [
+    "MODALITIES",
+    "SCENARIOS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -22,8 +24,6 @@ __all__ = [
     "PartitionConfig",
     "PrivacyConfig",
     "StrategyConfig",
-    "MODALITIES",
-    "SCENARIOS",
 ]
 
 #: Every modality FedMER knows, in the fixed order used by masks and packed tensors.
@@ -99,7 +99,7 @@ class DataConfig:
         _positive("data.seq_len", self.seq_len, integer=True)
         if self.seq_len < 4:
             _fail("data.seq_len", self.seq_len, "expected at least 4 frames")
-        self.modality_list  # validates
+        _ = self.modality_list  # validates the modality names
 
     @property
     def modality_list(self) -> tuple[str, ...]:
@@ -208,7 +208,11 @@ class StrategyConfig:
         _positive("strategy.tau", self.tau)
         if not 0.0 <= self.trim_beta < 0.5:
             _fail("strategy.trim_beta", self.trim_beta, "expected [0, 0.5)")
-        if isinstance(self.num_malicious, bool) or not isinstance(self.num_malicious, int) or self.num_malicious < 0:
+        if (
+            isinstance(self.num_malicious, bool)
+            or not isinstance(self.num_malicious, int)
+            or self.num_malicious < 0
+        ):
             _fail("strategy.num_malicious", self.num_malicious, "expected an integer >= 0")
 
 

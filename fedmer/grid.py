@@ -49,7 +49,9 @@ class PartitionOrderedGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._inner.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self._inner.send_and_receive(messages, timeout=timeout)
 
     # -- ordering ------------------------------------------------------------------
@@ -62,12 +64,15 @@ class PartitionOrderedGrid(Grid):
         return sorted(known, key=lambda n: (self.partition_of[n], n))
 
     def _ask_partitions(self, nodes: list[int]) -> None:
-        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        queries = [
+            Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes
+        ]
         for reply in self._inner.send_and_receive(queries, timeout=self._timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %d did not say its partition (%s); it will not be sampled", node,
-                            reply.error.reason)
+                log.warning(
+                    "node %d did not say its partition (%s); it will not be sampled", node, reply.error.reason
+                )
                 continue
             pid = int(reply.content[rk.METRICS][rk.PARTITION_ID])
             clash = [n for n, p in self.partition_of.items() if p == pid]

@@ -10,7 +10,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 __all__ = ["plot_learning_curve"]
 
@@ -21,7 +21,11 @@ def plot_learning_curve(
     """Held-out UAR / macro-F1 / accuracy per round, with cumulative max epsilon on a second axis."""
     rounds = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
-    for key, label, style in (("uar", "UAR", "-o"), ("macro_f1", "macro-F1", "-s"), ("accuracy", "accuracy", "-^")):
+    for key, label, style in (
+        ("uar", "UAR", "-o"),
+        ("macro_f1", "macro-F1", "-s"),
+        ("accuracy", "accuracy", "-^"),
+    ):
         ax.plot(rounds, [r[key] for r in rows], style, label=label, markersize=4)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0%})")
@@ -30,7 +34,9 @@ def plot_learning_curve(
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     eps = [r.get("epsilon_max") for r in rows]
-    eps_ok = [(x, e) for x, e in zip(rounds, eps) if isinstance(e, (int, float)) and math.isfinite(e)]
+    eps_ok = [
+        (x, e) for x, e in zip(rounds, eps, strict=False) if isinstance(e, (int, float)) and math.isfinite(e)
+    ]
     handles, labels = ax.get_legend_handles_labels()
     if eps_ok:
         ax2 = ax.twinx()

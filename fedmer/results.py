@@ -19,7 +19,7 @@ import torch
 
 from fedmer.config import ExperimentConfig
 
-__all__ = ["RunRecorder", "CSV_COLUMNS", "privacy_statement", "read_rounds"]
+__all__ = ["CSV_COLUMNS", "RunRecorder", "privacy_statement", "read_rounds"]
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,23 @@ CONFIG_JSON = "config.json"
 CHECKPOINT = "model.pt"
 
 CSV_COLUMNS = (
-    "round", "accuracy", "macro_f1", "uar", "loss",
-    "epsilon_max", "epsilon_mean", "delta", "accountant", "privacy_unit",
-    "clients_sampled", "clients_replied", "clients_failed",
-    "train_loss", "update_norm_mean", "update_clipped_frac", "elapsed_s",
+    "round",
+    "accuracy",
+    "macro_f1",
+    "uar",
+    "loss",
+    "epsilon_max",
+    "epsilon_mean",
+    "delta",
+    "accountant",
+    "privacy_unit",
+    "clients_sampled",
+    "clients_replied",
+    "clients_failed",
+    "train_loss",
+    "update_norm_mean",
+    "update_clipped_frac",
+    "elapsed_s",
 )
 
 
@@ -41,8 +54,13 @@ def privacy_statement(cfg: ExperimentConfig) -> dict[str, Any]:
     """What the reported epsilon means for this run."""
     p = cfg.privacy
     if p.mode == "off":
-        return {"mode": "off", "unit": "none", "accountant": "none", "delta": None,
-                "note": "non-private baseline: no DP noise; epsilon is infinite"}
+        return {
+            "mode": "off",
+            "unit": "none",
+            "accountant": "none",
+            "delta": None,
+            "note": "non-private baseline: no DP noise; epsilon is infinite",
+        }
     return {
         "mode": p.mode,
         "unit": "sample (one training sequence of one person, add/remove) within each client",
@@ -53,7 +71,7 @@ def privacy_statement(cfg: ExperimentConfig) -> dict[str, Any]:
         "per_sample_clip": p.max_grad_norm,
         "update_clip_norm": p.update_clip_norm,
         "note": "epsilon is cumulative over every round the client trained in; "
-                "max over clients is the figure to quote",
+        "max over clients is the figure to quote",
     }
 
 
@@ -110,8 +128,10 @@ class RunRecorder:
             "rounds": len(self.rows) - 1,
             "privacy": privacy_statement(self.cfg),
             "files": {
-                "rounds_csv": ROUNDS_CSV, "rounds_jsonl": ROUNDS_JSONL,
-                "checkpoint": CHECKPOINT, "learning_curve": "learning_curve.png",
+                "rounds_csv": ROUNDS_CSV,
+                "rounds_jsonl": ROUNDS_JSONL,
+                "checkpoint": CHECKPOINT,
+                "learning_curve": "learning_curve.png",
             },
             **extra,
         }

@@ -135,16 +135,25 @@ class AccountedStrategy(fs.Strategy):
             else:
                 report.clients.append(dict(msg.content[rk.METRICS]))
         if report.failures:
-            log.warning("round %d: %d of %d clients failed:\n  %s", server_round, len(report.failures),
-                        len(replies), "\n  ".join(report.failures))
+            log.warning(
+                "round %d: %d of %d clients failed:\n  %s",
+                server_round,
+                len(report.failures),
+                len(replies),
+                "\n  ".join(report.failures),
+            )
         if replies and not report.clients:
             raise RuntimeError(
                 f"round {server_round}: every sampled client failed ({len(report.failures)}); "
                 f"first error: {report.failures[0]}"
             )
         if len(replies) < report.sampled:
-            log.warning("round %d: %d of %d sampled clients did not reply in time",
-                        server_round, report.sampled - len(replies), report.sampled)
+            log.warning(
+                "round %d: %d of %d sampled clients did not reply in time",
+                server_round,
+                report.sampled - len(replies),
+                report.sampled,
+            )
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(
@@ -176,7 +185,11 @@ def _metrics_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
         if name in (weight_key, rk.PARTITION_ID):
             continue
         vals = [float(r[rk.METRICS][name]) for r in records]
-        out[name] = sum(w * v for w, v in zip(weights, vals)) / total if all(map(_finite, vals)) else max(vals)
+        out[name] = (
+            sum(w * v for w, v in zip(weights, vals, strict=False)) / total
+            if all(map(_finite, vals))
+            else max(vals)
+        )
     return MetricRecord(out)
 
 
@@ -188,7 +201,9 @@ def build_strategy(cfg: ExperimentConfig) -> AccountedStrategy:
     """The configured Flower strategy, wrapped in :class:`AccountedStrategy`."""
     name = cfg.strategy.name
     if name not in STRATEGY_REGISTRY:
-        raise ConfigError(f"invalid strategy.name={name!r}: expected one of {', '.join(sorted(STRATEGY_REGISTRY))}")
+        raise ConfigError(
+            f"invalid strategy.name={name!r}: expected one of {', '.join(sorted(STRATEGY_REGISTRY))}"
+        )
     f = cfg.federation
     common = {
         "fraction_train": f.fraction_train,

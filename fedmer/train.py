@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from fedmer.data.base import MultimodalDataset
 from fedmer.metrics import classification_report
 
-__all__ = ["TrainResult", "seed_everything", "make_loader", "train_epochs", "predict", "evaluate_model"]
+__all__ = ["TrainResult", "evaluate_model", "make_loader", "predict", "seed_everything", "train_epochs"]
 
 log = logging.getLogger(__name__)
 

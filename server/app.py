@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedmer.data.registry import load_client_dataset, load_split
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmer import records as rk
 from fedmer.config import ExperimentConfig
-from fedmer.data.registry import load_client_dataset, load_split
 from fedmer.grid import PartitionOrderedGrid
 from fedmer.models import build_model
 from fedmer.plots import plot_learning_curve
@@ -30,7 +30,7 @@ from fedmer.results import RunRecorder
 from fedmer.strategies import AccountedStrategy, RoundReport, build_strategy
 from fedmer.train import evaluate_model
 
-__all__ = ["app", "run_server", "resolve_output_dir"]
+__all__ = ["app", "resolve_output_dir", "run_server"]
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -46,8 +46,9 @@ def check_partitions(cfg: ExperimentConfig) -> list[int]:
     return [len(load_client_dataset(cfg, pid)) for pid in range(cfg.federation.num_clients)]
 
 
-def _round_row(server_round: int, report: dict[str, Any], rr: RoundReport | None, cfg: ExperimentConfig,
-               elapsed: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def _round_row(
+    server_round: int, report: dict[str, Any], rr: RoundReport | None, cfg: ExperimentConfig, elapsed: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
     clients = rr.clients if rr else []
     eps = rr.epsilons() if rr else []
     off = cfg.privacy.mode == "off"
@@ -59,7 +60,9 @@ def _round_row(server_round: int, report: dict[str, Any], rr: RoundReport | None
         "uar": report["uar"],
         "loss": report["loss"],
         "epsilon_max": (math.inf if off else max(eps)) if eps else (math.inf if off and clients else 0.0),
-        "epsilon_mean": (math.inf if off else statistics.fmean(eps)) if eps else (math.inf if off and clients else 0.0),
+        "epsilon_mean": (math.inf if off else statistics.fmean(eps))
+        if eps
+        else (math.inf if off and clients else 0.0),
         "delta": None if off else cfg.privacy.delta,
         "accountant": "none" if off else cfg.privacy.accountant,
         "privacy_unit": "none" if off else "sample",
@@ -68,7 +71,9 @@ def _round_row(server_round: int, report: dict[str, Any], rr: RoundReport | None
         "clients_failed": len(rr.failures) if rr else 0,
         "train_loss": statistics.fmean(float(c[rk.TRAIN_LOSS]) for c in clients) if clients else None,
         "update_norm_mean": statistics.fmean(norms) if norms else None,
-        "update_clipped_frac": statistics.fmean(float(c[rk.UPDATE_CLIPPED]) for c in clients) if clients else None,
+        "update_clipped_frac": statistics.fmean(float(c[rk.UPDATE_CLIPPED]) for c in clients)
+        if clients
+        else None,
         "elapsed_s": round(elapsed, 3),
     }
     detail = {
@@ -87,29 +92,47 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     split = load_split(cfg)
     sizes = check_partitions(cfg)
     out_dir = resolve_output_dir(cfg, run_id)
-    log.info("FedMER run: %d clients (%d-%d samples), %d held-out persons; results in %s",
-             len(sizes), min(sizes), max(sizes), len(set(split.test.person.tolist())), out_dir)
+    log.info(
+        "FedMER run: %d clients (%d-%d samples), %d held-out persons; results in %s",
+        len(sizes),
+        min(sizes),
+        max(sizes),
+        len(set(split.test.person.tolist())),
+        out_dir,
+    )
 
     model = build_model(cfg.model, split.test.feature_slices, split.test.num_classes)
     strategy: AccountedStrategy = build_strategy(cfg)
     recorder = RunRecorder(out_dir, cfg)
     t0 = time.monotonic()
-    progress = Progress(TextColumn("[bold]FedMER[/] round"), MofNCompleteColumn(), BarColumn(),
-                        TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    progress = Progress(
+        TextColumn("[bold]FedMER[/] round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
     task = progress.add_task("rounds", total=cfg.federation.num_rounds, status="")
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         report = evaluate_model(model, split.test)
-        row, detail = _round_row(server_round, report, strategy.rounds.get(server_round), cfg,
-                                 time.monotonic() - t0)
+        row, detail = _round_row(
+            server_round, report, strategy.rounds.get(server_round), cfg, time.monotonic() - t0
+        )
         recorder.record(row, detail)
         status = f"UAR {row['uar']:.3f}  max ε {row['epsilon_max']:.2f}"
         if row["delta"] is not None:
             status += f" (δ={row['delta']:g}, {row['accountant']}, per sample)"
         progress.update(task, completed=server_round, status=status)
-        log.info("round %d: held-out UAR %.4f, macro-F1 %.4f, acc %.4f | %s", server_round, row["uar"],
-                 row["macro_f1"], row["accuracy"], status)
+        log.info(
+            "round %d: held-out UAR %.4f, macro-F1 %.4f, acc %.4f | %s",
+            server_round,
+            row["uar"],
+            row["macro_f1"],
+            row["accuracy"],
+            status,
+        )
         return MetricRecord({k: float(row[k]) for k in ("accuracy", "macro_f1", "uar", "loss")})
 
     train_config = ConfigRecord({rk.LR: cfg.federation.lr, rk.LOCAL_EPOCHS: cfg.federation.local_epochs})
@@ -129,11 +152,18 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
         "class_names": list(split.test.class_names),
     }
     summary = recorder.finish(final_state, extra)
-    plot_learning_curve(recorder.rows, out_dir / "learning_curve.png", chance=1.0 / split.test.num_classes,
-                        title=f"{cfg.data.scenario}: {cfg.model.fusion} fusion, {cfg.strategy.name}, "
-                              f"{cfg.federation.num_clients} clients")
-    log.info("FedMER finished: final held-out UAR %.4f; files in %s", summary["final"].get("uar", float("nan")),
-             out_dir)
+    plot_learning_curve(
+        recorder.rows,
+        out_dir / "learning_curve.png",
+        chance=1.0 / split.test.num_classes,
+        title=f"{cfg.data.scenario}: {cfg.model.fusion} fusion, {cfg.strategy.name}, "
+        f"{cfg.federation.num_clients} clients",
+    )
+    log.info(
+        "FedMER finished: final held-out UAR %.4f; files in %s",
+        summary["final"].get("uar", float("nan")),
+        out_dir,
+    )
     return summary
 
 

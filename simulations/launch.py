@@ -57,7 +57,9 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> None:
     run.primary_task_id = int.from_bytes(secrets.token_bytes(8), "little") >> 1
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
-    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    context = Context(
+        run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
+    )
     log.info("simulating %d clients on Flower's Ray runtime", cfg.federation.num_clients)
     _run_simulation(
         num_supernodes=cfg.federation.num_clients,

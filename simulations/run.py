@@ -58,9 +58,15 @@ def main(cfg: DictConfig) -> float:
         log.error("configuration error: %s", err)
         sys.exit(2)
     final = summary["final"]
-    log.info("final held-out UAR %.4f (accuracy %.4f, macro-F1 %.4f); max client epsilon %s at delta %s (%s)",
-             final["uar"], final["accuracy"], final["macro_f1"], final["epsilon_max"], final["delta"],
-             summary["privacy"]["unit"])
+    log.info(
+        "final held-out UAR %.4f (accuracy %.4f, macro-F1 %.4f); max client epsilon %s at delta %s (%s)",
+        final["uar"],
+        final["accuracy"],
+        final["macro_f1"],
+        final["epsilon_max"],
+        final["delta"],
+        summary["privacy"]["unit"],
+    )
     log.info("results: %s", Path(exp.output_dir).resolve())
     return float(final["uar"])
 

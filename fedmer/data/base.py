@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["MultimodalDataset", "DatasetSplit"]
+__all__ = ["DatasetSplit", "MultimodalDataset"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class MultimodalDataset:
     @property
     def feature_dims(self) -> dict[str, int]:
         """Number of feature columns of each modality."""
-        return {m: b - a for m, (a, b) in zip(self.modalities, self.feature_slices)}
+        return {m: b - a for m, (a, b) in zip(self.modalities, self.feature_slices, strict=False)}
 
     def subset(self, index: np.ndarray) -> MultimodalDataset:
         """The samples at ``index`` (an integer array), as a new dataset."""

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["update_norm", "clip_update"]
+__all__ = ["clip_update", "update_norm"]
 
 
 def update_norm(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
@@ -54,7 +54,9 @@ def clip_update(
     return clipped, norm, scale < 1.0
 
 
-def _apply(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+def _apply(
+    new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], scale: float
+) -> dict[str, torch.Tensor]:
     """``old + (new - old) * scale`` in float64, cast back; non-float tensors from ``new``."""
     out: dict[str, torch.Tensor] = {}
     for key, value in new.items():

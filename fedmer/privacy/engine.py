@@ -20,12 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 __all__ = [
-    "PrivacyHistory",
     "DPSetup",
+    "PrivacyHistory",
     "compute_epsilon",
+    "make_private",
     "noise_for_target",
     "planned_steps",
-    "make_private",
 ]
 
 #: One accountant entry: (noise multiplier, sampling rate, number of steps).
@@ -54,8 +54,10 @@ class PrivacyHistory:
     def from_lists(cls, record: dict) -> PrivacyHistory:
         noise, rate, steps = (list(record.get(k, [])) for k in ("noise", "rate", "steps"))
         if not len(noise) == len(rate) == len(steps):
-            raise ValueError(f"corrupt privacy history: column lengths {len(noise)}, {len(rate)}, {len(steps)}")
-        return cls(tuple((float(n), float(r), int(s)) for n, r, s in zip(noise, rate, steps)))
+            raise ValueError(
+                f"corrupt privacy history: column lengths {len(noise)}, {len(rate)}, {len(steps)}"
+            )
+        return cls(tuple((float(n), float(r), int(s)) for n, r, s in zip(noise, rate, steps, strict=False)))
 
     def extended(self, entries: Sequence[HistoryEntry]) -> PrivacyHistory:
         return PrivacyHistory(self.entries + tuple((float(n), float(r), int(s)) for n, r, s in entries))
@@ -72,7 +74,9 @@ def compute_epsilon(history: PrivacyHistory, delta: float, accountant: str = "rd
     return float(acc.get_epsilon(delta=delta))
 
 
-def planned_steps(num_examples: int, batch_size: int, local_epochs: int, num_rounds: int) -> tuple[float, int]:
+def planned_steps(
+    num_examples: int, batch_size: int, local_epochs: int, num_rounds: int
+) -> tuple[float, int]:
     """Sample rate and total DP-SGD steps if the client joins every round.
 
     Matches Opacus' ``DPDataLoader``: sample rate ``1 / len(loader)`` and
@@ -109,7 +113,9 @@ class DPSetup:
     noise_multiplier: float
 
     def history(self) -> PrivacyHistory:
-        return PrivacyHistory(tuple((float(n), float(r), int(s)) for n, r, s in self.engine.accountant.history))
+        return PrivacyHistory(
+            tuple((float(n), float(r), int(s)) for n, r, s in self.engine.accountant.history)
+        )
 
 
 def make_private(

@@ -16,7 +16,10 @@ from fedmer.privacy.clipping import clip_update, update_norm
 def _states(seed: int, scale: float) -> tuple[dict, dict]:
     g = torch.Generator().manual_seed(seed)
     old = {"a": torch.randn(7, 3, generator=g), "b": torch.randn(5, generator=g), "n": torch.tensor(3)}
-    new = {k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 1) for k, v in old.items()}
+    new = {
+        k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 1)
+        for k, v in old.items()
+    }
     return new, old
 
 

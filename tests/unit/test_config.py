@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import tomllib
 
 import pytest
+import tomllib
 
 from fedmer.config import AUTO, ConfigError, ExperimentConfig, PrivacyConfig
 from tests.conftest import ROOT, compose
@@ -54,7 +54,9 @@ def test_run_config_round_trip() -> None:
         ("data.modalities", "speech,smell", "speech"),
     ],
 )
-def test_bad_values_name_the_key_the_value_and_what_is_allowed(key: str, value: object, expected: str) -> None:
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(
+    key: str, value: object, expected: str
+) -> None:
     flat = ExperimentConfig().to_run_config()
     flat[key] = value
     with pytest.raises(ConfigError) as err:

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fedmer.privacy.engine import PrivacyHistory, compute_epsilon, make_private, noise_for_target, planned_steps
+from fedmer.privacy.engine import (
+    PrivacyHistory,
+    compute_epsilon,
+    make_private,
+    noise_for_target,
+    planned_steps,
+)
 from fedmer.train import make_loader, train_epochs
 
 
@@ -21,7 +27,9 @@ from fedmer.train import make_loader, train_epochs
     steps=st.integers(1, 400),
     extra=st.integers(1, 400),
 )
-def test_epsilon_grows_with_steps_and_falls_with_noise(noise: float, rate: float, steps: int, extra: int) -> None:
+def test_epsilon_grows_with_steps_and_falls_with_noise(
+    noise: float, rate: float, steps: int, extra: int
+) -> None:
     delta = 1e-5
     base = compute_epsilon(PrivacyHistory(((noise, rate, steps),)), delta)
     more_steps = compute_epsilon(PrivacyHistory(((noise, rate, steps), (noise, rate, extra))), delta)
@@ -56,15 +64,21 @@ def test_noise_for_target_meets_the_whole_run_target(accountant: str, target: fl
 
 def test_make_private_resumes_history_so_epsilon_accumulates() -> None:
     """Two rounds through real Opacus: the second round's epsilon counts the first round's steps."""
-    from fedmer.data.base import MultimodalDataset
     import numpy as np
+
+    from fedmer.data.base import MultimodalDataset
 
     rng = np.random.default_rng(0)
     n = 64
     data = MultimodalDataset(
-        x=rng.normal(size=(n, 6, 3)).astype(np.float32), mask=np.ones((n, 1), bool),
-        y=rng.integers(0, 2, n), person=np.arange(n), site=np.zeros(n, np.int64),
-        modalities=("speech",), feature_slices=((0, 3),), class_names=("a", "b"),
+        x=rng.normal(size=(n, 6, 3)).astype(np.float32),
+        mask=np.ones((n, 1), bool),
+        y=rng.integers(0, 2, n),
+        person=np.arange(n),
+        site=np.zeros(n, np.int64),
+        modalities=("speech",),
+        feature_slices=((0, 3),),
+        class_names=("a", "b"),
     )
 
     class Tiny(nn.Module):
@@ -80,8 +94,9 @@ def test_make_private_resumes_history_so_epsilon_accumulates() -> None:
     for rnd in range(2):
         model = Tiny()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        setup = make_private(model, opt, make_loader(data, 16, rnd), noise_multiplier=1.0, max_grad_norm=1.0,
-                             history=history)
+        setup = make_private(
+            model, opt, make_loader(data, 16, rnd), noise_multiplier=1.0, max_grad_norm=1.0, history=history
+        )
         train_epochs(setup.module, setup.loader, setup.optimizer, 1)
         history = setup.history()
         epsilons.append(compute_epsilon(history, 1e-5))

@@ -1,0 +1,166 @@
+"""Per-modality temporal encoders: a ``(B, T, F_m)`` sequence in, one ``(B, H)`` embedding out.
+
+Every layer here is one Opacus computes per-sample gradients for without ``ModuleValidator.fix``:
+GroupNorm instead of BatchNorm (batch statistics mix samples, which breaks the per-sample
+sensitivity bound DP-SGD relies on), ``opacus.layers.DPGRU`` instead of ``nn.GRU`` (whose fused
+cuDNN/ATen kernel hides the per-step activations the hooks need), and no raw ``nn.Parameter``
+used directly in ``forward``. There is no dropout: DP noise already regularises, and
+deterministic forward passes keep tests and explanations reproducible.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+from opacus.layers import DPGRU
+from torch import Tensor, nn
+
+from fedmer.config import ConfigError
+
+__all__ = ["ENCODERS", "AttentivePool", "GRUEncoder", "TCNEncoder", "build_encoder"]
+
+logger = logging.getLogger(__name__)
+
+
+def _groups(channels: int, preferred: int = 4) -> int:
+    """Largest group count <= ``preferred`` dividing ``channels`` (GroupNorm needs a divisor)."""
+    for g in range(min(preferred, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class AttentivePool(nn.Module):
+    """Softmax-weighted average over time, so salient frames dominate the embedding.
+
+    Scored by a ``Linear`` on each frame (Opacus handles the extra time dimension), which
+    also makes the per-frame weights available for temporal explanations.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(hidden, 1)
+
+    def forward(self, h: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``h``: ``(B, T, H)`` -> ``(B, H)`` (and the ``(B, T)`` weights if asked)."""
+        w = torch.softmax(self.score(h).squeeze(-1), dim=1)
+        pooled = torch.einsum("bt,bth->bh", w, h)
+        return (pooled, w) if return_weights else pooled
+
+
+class _ConvBlock(nn.Module):
+    """Conv1d -> GroupNorm -> GELU; 'same' padding, so only ``stride`` changes the time length."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, dilation: int = 1, stride: int = 1) -> None:
+        super().__init__()
+        pad = dilation * (kernel - 1) // 2
+        self.conv = nn.Conv1d(in_ch, out_ch, kernel, stride=stride, padding=pad, dilation=dilation)
+        self.norm = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``(B, C_in, T)`` -> ``(B, C_out, T)``."""
+        return self.act(self.norm(self.conv(x)))
+
+
+class TCNEncoder(nn.Module):
+    """Two dilated conv blocks with a residual link, then attentive pooling over time.
+
+    Kernel 3 with dilations 1 and 2 sees 7 frames per output step, enough for the short
+    (~20 frame) windows FedMER uses, and stays a few thousand parameters per modality so
+    DP-SGD noise (which scales with dimension) does not swamp the signal.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, kernel: int = 3) -> None:
+        super().__init__()
+        self.block1 = _ConvBlock(in_dim, hidden, kernel, dilation=1)
+        self.block2 = _ConvBlock(hidden, hidden, kernel, dilation=2)
+        self.pool = AttentivePool(hidden)
+
+    def sequence(self, x: Tensor) -> Tensor:
+        """Per-frame features ``(B, T, H)`` before pooling."""
+        h1 = self.block1(x.transpose(1, 2))
+        h2 = self.block2(h1) + h1
+        return h2.transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``(B, T, F_m)`` -> ``(B, H)``."""
+        return self.pool(self.sequence(x))
+
+
+def _drop_aliases(aliases: dict[str, str], _m: nn.Module, state: dict, prefix: str, *_: object) -> None:
+    """state_dict post-hook: remove the DPGRU cell-level duplicate keys."""
+    for old in aliases:
+        state.pop(prefix + old, None)
+
+
+def _restore_aliases(aliases: dict[str, str], _m: nn.Module, state: dict, prefix: str, *_: object) -> None:
+    """load_state_dict pre-hook: re-add the duplicates so strict loading finds them."""
+    for old, new in aliases.items():
+        if prefix + new in state and prefix + old not in state:
+            state[prefix + old] = state[prefix + new]
+
+
+def _dedupe_gru_state(owner: nn.Module, attr: str) -> None:
+    """Make ``owner``'s state_dict list its DPGRU ``owner.<attr>`` once, under nn.GRU's names.
+
+    DPGRU registers its weights twice (``weight_ih_l0`` and its cell's ``l0.ih.weight``) and
+    its own filter only works when it is the top-level module. Nested, both keys reach the
+    state_dict: Flower would ship the GRU twice, and update-norm clipping, robust-aggregation
+    distances and checkpoints would count it twice. The hooks go on the owner (the DPGRU's
+    own hook swaps in a copy of the dict, so its later hooks would edit the wrong one); the
+    load hook re-adds the aliases so a strict ``load_state_dict`` accepts the short dict.
+    ``partial`` of module-level functions, not closures, keeps models picklable.
+    """
+    renames = getattr(owner, attr).old_to_new.items()
+    aliases = {f"{attr}.{old}": f"{attr}.{new}" for old, new in renames}
+    owner.register_state_dict_post_hook(functools.partial(_drop_aliases, aliases))
+    owner.register_load_state_dict_pre_hook(functools.partial(_restore_aliases, aliases))
+
+
+class GRUEncoder(nn.Module):
+    """Strided Conv1d front (local smoothing, feature lift to H) followed by a DP-compatible GRU.
+
+    The last hidden state summarises the sequence; the recurrence lets the embedding
+    depend on order over the whole window rather than a fixed receptive field. DPGRU runs
+    its cell in Python once per step, with Opacus hooks on every call, so the front halves
+    the time axis (``stride=2``): half the recurrent steps, about half the DP-SGD step time.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, kernel: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.front = _ConvBlock(in_dim, hidden, kernel, stride=stride)
+        self.gru = DPGRU(hidden, hidden, num_layers=1, batch_first=True)
+        _dedupe_gru_state(self, "gru")
+
+    def sequence(self, x: Tensor) -> Tensor:
+        """GRU outputs at every (strided) step, ``(B, ceil(T / stride), H)``."""
+        out, _ = self.gru(self.front(x.transpose(1, 2)).transpose(1, 2))
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``(B, T, F_m)`` -> ``(B, H)`` (last hidden state)."""
+        _, h_n = self.gru(self.front(x.transpose(1, 2)).transpose(1, 2))
+        return h_n[-1]
+
+
+EncoderFactory = Callable[[int, int], nn.Module]
+
+#: name -> factory ``(in_dim, hidden) -> module mapping (B, T, in_dim) to (B, hidden)``.
+ENCODERS: dict[str, EncoderFactory] = {
+    "tcn": TCNEncoder,
+    "gru": GRUEncoder,
+}
+
+
+def build_encoder(name: str, in_dim: int, hidden: int) -> nn.Module:
+    """Instantiate a registered encoder; unknown names fail listing the valid ones."""
+    if name not in ENCODERS:
+        raise ConfigError(f"invalid model.encoder={name!r}: expected one of {', '.join(sorted(ENCODERS))}")
+    if in_dim <= 0:
+        raise ConfigError(f"invalid encoder input width {in_dim}: every modality needs >= 1 feature column")
+    logger.debug("encoder %s: in_dim=%d hidden=%d", name, in_dim, hidden)
+    return ENCODERS[name](in_dim, hidden)

@@ -1,0 +1,86 @@
+"""End to end: a real Flower simulation (Ray, ServerApp, ClientApps, Opacus) through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+QUICK = ["federation=quick", "data.persons_per_site=2", "data.sequences_per_person=20"]
+
+
+def _run_cli(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "simulations.run", *QUICK, *overrides, f"hydra.run.dir={out}"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quick")
+    proc = _run_cli(out, "seed=7")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
+
+
+def test_result_files_are_written(quick_run: Path) -> None:
+    for name in (
+        "rounds.jsonl",
+        "rounds.csv",
+        "summary.json",
+        "config.json",
+        "model.pt",
+        "learning_curve.png",
+    ):
+        assert (quick_run / name).stat().st_size > 0, name
+    with open(quick_run / "rounds.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["round"] for r in rows] == ["0", "1", "2"]
+    summary = json.loads((quick_run / "summary.json").read_text())
+    assert summary["clients_failed_total"] == 0
+    assert summary["privacy"]["accountant"] == "rdp" and summary["privacy"]["delta"] == 1e-5
+    assert summary["privacy"]["unit"].startswith("sample")
+
+
+def test_epsilon_accumulates_across_rounds(quick_run: Path) -> None:
+    rows = _rows(quick_run)
+    eps = [r["epsilon_max"] for r in rows]
+    assert eps[0] == 0.0 and 0.0 < eps[1] < eps[2] <= 8.0
+    for r in rows[1:]:
+        assert r["clients_replied"] == 3 and r["clients_failed"] == 0 and r["delta"] == 1e-5
+        assert set(r["client_epsilons"]) == {"0", "1", "2"}
+    # every client trained in both rounds, so every client's epsilon grew
+    assert all(rows[2]["client_epsilons"][k] > rows[1]["client_epsilons"][k] for k in ("0", "1", "2"))
+
+
+def test_metrics_are_sane(quick_run: Path) -> None:
+    final = _rows(quick_run)[-1]
+    assert 0.0 <= final["uar"] <= 1.0 and math.isfinite(final["loss"])
+    assert len(final["per_class_recall"]) == 5 and len(final["confusion"]) == 5
+
+
+def test_same_seed_same_metrics(quick_run: Path, tmp_path: Path) -> None:
+    proc = _run_cli(tmp_path, "seed=7")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    keys = ("uar", "accuracy", "macro_f1", "loss", "epsilon_max", "confusion", "client_epsilons")
+    for a, b in zip(_rows(quick_run), _rows(tmp_path), strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+def test_bad_config_stops_before_training(tmp_path: Path) -> None:
+    proc = _run_cli(tmp_path, "strategy.name=fedsgd")
+    assert proc.returncode == 2
+    assert "invalid strategy.name='fedsgd': expected one of" in proc.stderr + proc.stdout
+    assert not (tmp_path / "rounds.jsonl").exists()

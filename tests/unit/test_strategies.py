@@ -1,0 +1,94 @@
+"""Strategy registry and the accounting wrapper: failures surface, order is fixed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from fedmer import records as rk
+from fedmer.config import STRATEGIES, ExperimentConfig, StrategyConfig
+from fedmer.strategies import STRATEGY_REGISTRY, AccountedStrategy, build_strategy
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages need the ids a running ServerApp would have set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+def _cfg(name: str) -> ExperimentConfig:
+    return ExperimentConfig(strategy=StrategyConfig(name=name))
+
+
+def test_every_config_strategy_is_registered_and_builds_flowers_class() -> None:
+    assert set(STRATEGY_REGISTRY) == set(STRATEGIES)
+    expected = {
+        "fedavg": "FedAvg",
+        "fedprox": "FedProx",
+        "fedadam": "FedAdam",
+        "fedyogi": "FedYogi",
+        "fedadagrad": "FedAdagrad",
+        "fedavgm": "FedAvgM",
+        "fedmedian": "FedMedian",
+        "fedtrimmedavg": "FedTrimmedAvg",
+        "krum": "Krum",
+        "multikrum": "MultiKrum",
+        "bulyan": "Bulyan",
+    }
+    for name, cls in expected.items():
+        strategy = build_strategy(_cfg(name))
+        assert isinstance(strategy, AccountedStrategy)
+        assert type(strategy.inner).__name__ == cls
+        assert type(strategy.inner).__module__.startswith("flwr.serverapp.strategy")
+
+
+def _reply(pid: int, value: float, eps: float, node: int) -> Message:
+    ask = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node)
+    arrays = ArrayRecord([np.full(3, value, dtype=np.float32)])
+    metrics = MetricRecord(
+        {
+            rk.NUM_EXAMPLES: 10,
+            rk.EPSILON: eps,
+            rk.PARTITION_ID: pid,
+            rk.TRAIN_LOSS: 1.0,
+            rk.UPDATE_NORM: 0.5,
+            rk.UPDATE_CLIPPED: 0,
+        }
+    )
+    reply = Message(content=RecordDict({rk.ARRAYS: arrays, rk.METRICS: metrics}), reply_to=ask)
+    return reply
+
+
+def _failure(node: int, reason: str) -> Message:
+    ask = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node)
+    reply = Message(Error(code=0, reason=reason), reply_to=ask)
+    return reply
+
+
+def test_failures_are_recorded_and_max_epsilon_kept() -> None:
+    strategy = build_strategy(_cfg("fedavg"))
+    replies = [_reply(2, 3.0, 1.5, 30), _failure(99, "ValueError: boom"), _reply(0, 1.0, 0.5, 10)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    report = strategy.rounds[1]
+    assert report.failures == ["node 99: ValueError: boom"]
+    assert [c[rk.PARTITION_ID] for c in report.clients] == [0, 2]  # partition order
+    assert max(report.epsilons()) == 1.5
+    assert metrics is not None and metrics[rk.EPSILON] == pytest.approx(1.0)
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 2.0))
+
+
+def test_a_round_where_every_client_fails_stops_the_run() -> None:
+    strategy = build_strategy(_cfg("fedavg"))
+    with pytest.raises(RuntimeError, match="every sampled client failed.*FloatingPointError"):
+        strategy.aggregate_train(1, [_failure(1, "FloatingPointError: loss nan"), _failure(2, "x")])
+
+
+def test_aggregation_is_independent_of_reply_order() -> None:
+    replies = [_reply(i, float(v), 1.0, 100 + i) for i, v in enumerate([0.1, 0.7, 0.3, 1e-3, 5.0])]
+    a, _ = build_strategy(_cfg("fedavg")).aggregate_train(1, replies)
+    b, _ = build_strategy(_cfg("fedavg")).aggregate_train(1, list(reversed(replies)))
+    assert np.array_equal(a.to_numpy_ndarrays()[0], b.to_numpy_ndarrays()[0])
