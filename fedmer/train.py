@@ -83,7 +83,7 @@ def train_epochs(
                 with torch.no_grad():
                     for name, p in named.items():
                         p.sub_(lr * proximal_mu * (p - global_params[name]))
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             seen += len(y)
     return TrainResult(loss=total / seen if seen else math.nan, steps=steps, examples=seen)
 

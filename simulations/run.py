@@ -25,6 +25,9 @@ __all__ = ["experiment_from_hydra", "main", "run"]
 
 log = logging.getLogger("fedmer")
 
+#: configs/ beside this package (absolute, so `fedmer run` finds it from any working directory).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
 
 def experiment_from_hydra(cfg: DictConfig) -> ExperimentConfig:
     """The validated experiment for a composed Hydra config (unknown keys are an error)."""
@@ -48,7 +51,7 @@ def run(exp: ExperimentConfig) -> dict[str, Any]:
     return json.loads(summary_path.read_text())
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one composed config; return the final held-out UAR (for sweepers)."""
     try:
