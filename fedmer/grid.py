@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 
 from flwr.app import Message, MessageType, RecordDict
-from flwr.common.typing import Run
+from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
 from fedmer import records as rk

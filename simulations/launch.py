@@ -17,6 +17,8 @@ from typing import Any
 
 from flwr.app import Context, RecordDict
 from flwr.simulation.run_simulation import _run_simulation
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
@@ -54,9 +56,11 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> None:
     run_id = int.from_bytes(secrets.token_bytes(8), "little") >> 1
     run = Run.create_empty(run_id=run_id)
     run.override_config = dict(run_config)
+    run.federation_id = NOOP_FEDERATION_ID
     run.primary_task_id = int.from_bytes(secrets.token_bytes(8), "little") >> 1
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(
         run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
