@@ -14,13 +14,13 @@ import logging
 import math
 
 import torch
-from fedmer.data.registry import load_client_dataset
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmer import records as rk
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
+from fedmer.data.registry import load_client_dataset
 from fedmer.models import build_model
 from fedmer.privacy.clipping import clip_update
 from fedmer.privacy.engine import (
@@ -40,7 +40,7 @@ app = ClientApp()
 
 @functools.lru_cache(maxsize=8)
 def _experiment(items: tuple[tuple[str, object], ...]) -> ExperimentConfig:
-    return ExperimentConfig.from_run_config(dict(items))
+    return ExperimentConfig.from_run_config(dict(items), complete=True)
 
 
 def experiment_of(context: Context) -> ExperimentConfig:

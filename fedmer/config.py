@@ -84,9 +84,9 @@ class DataConfig:
 
     name: str = "synthetic"
     scenario: str = "driving"
-    persons_per_site: int = 4
+    persons_per_site: int = 8
     test_persons_per_site: int = 1
-    sequences_per_person: int = 40
+    sequences_per_person: int = 80
     seq_len: int = 20
     modalities: str = "all"
 
@@ -221,12 +221,12 @@ class FederationConfig:
     """Clients, rounds, sampling and the local training recipe."""
 
     num_clients: int = 10
-    num_rounds: int = 10
+    num_rounds: int = 20
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_train_clients: int = 2
-    local_epochs: int = 1
-    batch_size: int = 32
+    local_epochs: int = 2
+    batch_size: int = 128
     lr: float = 0.1
     client_cpus: float = 1.0
 
@@ -302,11 +302,22 @@ class ExperimentConfig:
         return flat
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
-        """Build (and validate) from a flat run_config; unknown keys are an error."""
+    def from_run_config(cls, run_config: Mapping[str, Any], *, complete: bool = False) -> ExperimentConfig:
+        """Build (and validate) from a flat run_config; unknown keys are an error.
+
+        ``complete=True`` (what the Flower apps use) also rejects missing keys: Flower
+        always fuses the pyproject defaults in, so a missing key means the app was
+        started without its config, and silently using defaults would hide that.
+        """
         known = {"seed", "output.dir"} | {
             f"{name}.{f.name}" for name, section in _SECTIONS.items() for f in fields(section)
         }
+        missing = sorted(known - set(run_config))
+        if complete and missing:
+            raise ConfigError(
+                f"run_config lacks key(s) {', '.join(missing)}: run the app through `flwr run .` or "
+                "`python -m simulations.run`, which supply [tool.flwr.app.config] from pyproject.toml"
+            )
         unknown = sorted(set(run_config) - known)
         if unknown:
             raise ConfigError(

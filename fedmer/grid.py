@@ -14,12 +14,12 @@ import logging
 from collections.abc import Iterable
 
 from flwr.app import Message, MessageType, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedmer import records as rk
 
-__all__ = ["PartitionOrderedGrid"]
+__all__ = ["PartitionOrderedGrid", "short_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,31 @@ class PartitionOrderedGrid(Grid):
         return sorted(known, key=lambda n: (self.partition_of[n], n))
 
     def _ask_partitions(self, nodes: list[int]) -> None:
+        """Ask ``nodes`` for their partition id; a node that cannot answer stops the run.
+
+        A node that fails here is misconfigured (wrong federation size, no partition-id),
+        and leaving it out would make Flower's sampler wait for it forever.
+        """
         queries = [
             Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes
         ]
+        errors = []
         for reply in self._inner.send_and_receive(queries, timeout=self._timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning(
-                    "node %d did not say its partition (%s); it will not be sampled", node, reply.error.reason
-                )
+                errors.append(f"node {node}: {short_reason(reply.error.reason)}")
                 continue
             pid = int(reply.content[rk.METRICS][rk.PARTITION_ID])
             clash = [n for n, p in self.partition_of.items() if p == pid]
             if clash:
                 log.warning("nodes %s and %d both claim partition %d", clash, node, pid)
             self.partition_of[node] = pid
+        if errors:
+            raise RuntimeError(f"{len(errors)} node(s) could not start: " + "; ".join(sorted(set(errors))))
+
+
+def short_reason(reason: str) -> str:
+    """The ClientApp's own exception message, without Ray's wrapping traceback."""
+    marker = "Message: "
+    text = reason.rsplit(marker, 1)[-1] if marker in reason else reason
+    return text.strip().rstrip("'>").strip()

@@ -20,6 +20,7 @@ from flwr.serverapp import strategy as fs
 
 from fedmer import records as rk
 from fedmer.config import STRATEGIES, ConfigError, ExperimentConfig
+from fedmer.grid import short_reason
 
 __all__ = ["STRATEGY_REGISTRY", "AccountedStrategy", "RoundReport", "build_strategy", "register_strategy"]
 
@@ -131,7 +132,7 @@ class AccountedStrategy(fs.Strategy):
         report = self.rounds.setdefault(server_round, RoundReport(server_round))
         for msg in replies:
             if msg.has_error():
-                report.failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+                report.failures.append(f"node {msg.metadata.src_node_id}: {short_reason(msg.error.reason)}")
             else:
                 report.clients.append(dict(msg.content[rk.METRICS]))
         if report.failures:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ from fedmer.metrics import classification_report
 __all__ = ["TrainResult", "evaluate_model", "make_loader", "predict", "seed_everything", "train_epochs"]
 
 log = logging.getLogger(__name__)
+
+# Opacus' hooks fire on modules whose inputs need no grad (the first layer); harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fedmer.data.registry import load_client_dataset, load_split
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedmer import records as rk
 from fedmer.config import ExperimentConfig
+from fedmer.data.registry import load_client_dataset, load_split
 from fedmer.grid import PartitionOrderedGrid
 from fedmer.models import build_model
 from fedmer.plots import plot_learning_curve
@@ -170,5 +170,5 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point (``flwr run .`` and the Hydra launcher both land here)."""
-    cfg = ExperimentConfig.from_run_config(context.run_config)
+    cfg = ExperimentConfig.from_run_config(context.run_config, complete=True)
     run_server(grid, cfg, run_id=context.run_id)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, RecordDict
-from flwr.simulation.run_simulation import _run_simulation
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -74,5 +74,6 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> None:
         server_app_context=context,
         app_dir=str(PROJECT_ROOT),
         run=run,
+        is_app=True,  # makes the runtime fuse pyproject defaults with run.override_config
         verbose_logging=verbose,
     )

@@ -54,6 +54,7 @@ def run(exp: ExperimentConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one composed config; return the final held-out UAR (for sweepers)."""
+    logging.getLogger("flwr").propagate = False  # Flower logs to its own handler; don't print twice
     try:
         exp = experiment_from_hydra(cfg)
         summary = run(exp)

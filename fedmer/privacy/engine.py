@@ -9,6 +9,7 @@ so the epsilon a client reports is its cumulative spend over every round it join
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,6 +91,15 @@ def noise_for_target(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
     """Smallest noise multiplier whose epsilon after ``steps`` stays within the target."""
+    with warnings.catch_warnings():
+        # The bisection probes extreme noise levels where Opacus warns about its alpha range.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return _search_noise(target_epsilon, delta, sample_rate, steps, accountant)
+
+
+def _search_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

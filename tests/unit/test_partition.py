@@ -54,7 +54,7 @@ def test_site_scheme_with_wrong_client_count_names_both_numbers() -> None:
 
 
 def test_too_small_site_names_client_and_size() -> None:
-    with pytest.raises(ConfigError, match=r"client 0 gets 160 .*min_samples=1000"):
+    with pytest.raises(ConfigError, match=r"client 0 gets 640 .*min_samples=1000"):
         partition_clients(_split().train, PartitionConfig(min_samples=1000), 10, seed=0)
 
 
