@@ -84,14 +84,23 @@ def _one_round(overrides: list[str]) -> None:
     assert len(sent) == exp.federation.clients_per_round
     replies = []
     for pid in range(min(n, 3)):
-        context = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": n},
-                          state=RecordDict(), run_config=flat)
-        config = ConfigRecord({rk.SERVER_ROUND: 1, rk.LR: exp.federation.lr,
-                               rk.LOCAL_EPOCHS: exp.federation.local_epochs})
+        context = Context(
+            run_id=1,
+            node_id=pid + 1,
+            node_config={"partition-id": pid, "num-partitions": n},
+            state=RecordDict(),
+            run_config=flat,
+        )
+        config = ConfigRecord(
+            {rk.SERVER_ROUND: 1, rk.LR: exp.federation.lr, rk.LOCAL_EPOCHS: exp.federation.local_epochs}
+        )
         if exp.strategy.name == "fedprox":
             config[rk.PROXIMAL_MU] = exp.strategy.proximal_mu
-        msg = Message(RecordDict({rk.ARRAYS: arrays, rk.CONFIG: config}), dst_node_id=pid + 1,
-                      message_type=MessageType.TRAIN)
+        msg = Message(
+            RecordDict({rk.ARRAYS: arrays, rk.CONFIG: config}),
+            dst_node_id=pid + 1,
+            message_type=MessageType.TRAIN,
+        )
         reply = train(msg, context)
         metrics = reply.content[rk.METRICS]
         assert metrics[rk.UPDATE_NORM] >= 0 and math.isfinite(metrics[rk.TRAIN_LOSS])
