@@ -74,7 +74,7 @@ def superlink(tmp_path: Path) -> Iterator[dict[str, str]]:
         "--fleet-api-address",
         f"127.0.0.1:{fleet}",
     ]
-    log = open(tmp_path / "superlink.log", "w")
+    log = open(tmp_path / "superlink.log", "w")  # noqa: SIM115 - closed in finally, after the process
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
