@@ -66,6 +66,8 @@ def partition_of(context: Context, cfg: ExperimentConfig) -> int:
             f"{cfg.federation.num_clients}; start {cfg.federation.num_clients} SuperNodes "
             "(simulation: --federation-config num-supernodes=N) or change federation.num_clients"
         )
+    if not 0 <= pid < n:
+        raise ConfigError(f"invalid partition-id={pid}: expected 0 <= partition_id < num-partitions={n}")
     return pid
 
 

@@ -79,7 +79,7 @@ def train_epochs(
             # reveal that the batch was empty.
             loss = criterion(logits, y) if len(y) else logits.sum() * 0.0
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at step {steps}")
+                raise FloatingPointError(f"training loss became {float(loss.detach())} at step {steps}")
             loss.backward()
             optimizer.step()
             steps += 1

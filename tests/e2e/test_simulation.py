@@ -84,3 +84,32 @@ def test_bad_config_stops_before_training(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "invalid strategy.name='fedsgd': expected one of" in proc.stderr + proc.stdout
     assert not (tmp_path / "rounds.jsonl").exists()
+
+
+def test_unsampled_clients_spend_nothing(tmp_path: Path) -> None:
+    """Half the clients per round: a client's epsilon moves only in rounds it trained in."""
+    proc = _run_cli(
+        tmp_path,
+        "federation.num_clients=4",
+        "federation.fraction_train=0.5",
+        "federation.num_rounds=3",
+        "federation.fraction_evaluate=0.0",
+        "seed=3",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _rows(tmp_path)[1:]
+    assert all(r["clients_sampled"] == 2 and r["clients_replied"] == 2 for r in rows)
+    last: dict[str, float] = {}
+    participation: dict[str, int] = {}
+    for r in rows:
+        for pid, eps in r["client_epsilons"].items():
+            assert eps > last.get(pid, 0.0)  # grows when it trains ...
+            last[pid] = eps
+            participation[pid] = participation.get(pid, 0) + 1
+    # ... and only then: equal sizes and noise, so epsilon is a function of rounds joined
+    by_count: dict[int, set[float]] = {}
+    for pid, eps in last.items():
+        by_count.setdefault(participation[pid], set()).add(round(eps, 9))
+    assert all(len(v) == 1 for v in by_count.values())
+    counts = sorted(by_count)
+    assert [min(by_count[c]) for c in counts] == sorted(min(by_count[c]) for c in counts)

@@ -1,0 +1,130 @@
+"""The ClientApp's train/evaluate/query handlers, called with real Flower Messages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedmer import records as rk
+from fedmer.config import ConfigError, ExperimentConfig
+from fedmer.data.registry import load_client_dataset
+from fedmer.models import build_model
+from fedmer.privacy.clipping import update_norm
+from fedmer.privacy.engine import PrivacyHistory, compute_epsilon
+
+FLAT = ExperimentConfig().to_run_config() | {
+    "data.persons_per_site": 2,
+    "data.sequences_per_person": 16,
+    "federation.num_clients": 3,
+    "federation.batch_size": 16,
+    "privacy.update_clip_norm": 0.05,  # small enough that every update is clipped
+}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+def _context(pid: int = 0, flat: dict | None = None, num_partitions: int = 3) -> Context:
+    return Context(
+        run_id=1,
+        node_id=pid + 1,
+        node_config={"partition-id": pid, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config=dict(flat or FLAT),
+    )
+
+
+def _global(flat: dict | None = None) -> dict[str, torch.Tensor]:
+    cfg = ExperimentConfig.from_run_config(flat or FLAT)
+    data = load_client_dataset(cfg, 0)
+    torch.manual_seed(0)
+    return build_model(cfg.model, data.feature_slices, data.num_classes).state_dict()
+
+
+def _train_msg(state: dict[str, torch.Tensor], server_round: int) -> Message:
+    config = ConfigRecord({rk.SERVER_ROUND: server_round, rk.LR: 0.1, rk.LOCAL_EPOCHS: 1})
+    return Message(
+        RecordDict({rk.ARRAYS: ArrayRecord(state), rk.CONFIG: config}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+
+
+def test_outgoing_update_is_clipped_to_c_and_has_clean_keys() -> None:
+    from client.app import train
+
+    state = _global()
+    reply = train(_train_msg(state, 1), _context())
+    sent = reply.content[rk.ARRAYS].to_torch_state_dict()
+    assert set(sent) == set(state) and not any("_module." in k for k in sent)
+    metrics = reply.content[rk.METRICS]
+    assert metrics[rk.UPDATE_CLIPPED] == 1 and metrics[rk.UPDATE_NORM] > 0.05
+    assert update_norm(sent, state) <= 0.05
+    assert metrics[rk.DELTA] == 1e-5 and metrics[rk.NUM_EXAMPLES] == len(
+        load_client_dataset(ExperimentConfig.from_run_config(FLAT), 0)
+    )
+
+
+def test_epsilon_accumulates_in_context_state_and_never_resets() -> None:
+    from client.app import train
+
+    context, state = _context(), _global()
+    eps, steps = [], []
+    for rnd in (1, 2, 3):
+        metrics = train(_train_msg(state, rnd), context).content[rk.METRICS]
+        eps.append(metrics[rk.EPSILON])
+        steps.append(metrics[rk.STEPS])
+    assert 0 < eps[0] < eps[1] < eps[2] <= 8.0
+    assert steps[0] < steps[1] < steps[2]
+    history = PrivacyHistory.from_lists(dict(context.state[rk.PRIVACY_STATE]))
+    assert history.steps == steps[2]
+    assert compute_epsilon(history, 1e-5) == pytest.approx(eps[2])
+    # a node that was not sampled has spent nothing
+    assert rk.PRIVACY_STATE not in _context(pid=1).state
+
+
+def test_non_private_mode_reports_infinite_epsilon() -> None:
+    from client.app import train
+
+    flat = FLAT | {"privacy.mode": "off"}
+    metrics = train(_train_msg(_global(flat), 1), _context(flat=flat)).content[rk.METRICS]
+    assert math.isinf(metrics[rk.EPSILON]) and metrics[rk.NOISE_MULTIPLIER] == 0.0
+
+
+def test_nan_weights_make_the_client_fail_loudly() -> None:
+    from client.app import train
+
+    state = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in _global().items()}
+    with pytest.raises(FloatingPointError, match="training loss became nan"):
+        train(_train_msg(state, 1), _context())
+
+
+def test_wrong_federation_size_is_refused_with_a_fix() -> None:
+    from client.app import query
+
+    msg = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
+    with pytest.raises(ConfigError, match=r"num-partitions=5.*federation.num_clients=3"):
+        query(msg, _context(num_partitions=5))
+    with pytest.raises(ConfigError, match="partition-id=7"):
+        query(msg, _context(pid=7))
+    assert query(msg, _context(pid=2)).content[rk.METRICS][rk.PARTITION_ID] == 2
+
+
+def test_evaluate_reports_loss_and_accuracy() -> None:
+    from client.app import evaluate
+
+    msg = Message(
+        RecordDict({rk.ARRAYS: ArrayRecord(_global()), rk.CONFIG: ConfigRecord()}),
+        dst_node_id=1,
+        message_type=MessageType.EVALUATE,
+    )
+    metrics = evaluate(msg, _context()).content[rk.METRICS]
+    assert 0.0 <= metrics[rk.EVAL_ACCURACY] <= 1.0 and metrics[rk.EVAL_LOSS] > 0
