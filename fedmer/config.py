@@ -29,7 +29,7 @@ __all__ = [
 #: Every modality FedMER knows, in the fixed order used by masks and packed tensors.
 MODALITIES: tuple[str, ...] = ("speech", "face", "physio", "can")
 SCENARIOS: tuple[str, ...] = ("driving", "clinic")
-DATASETS: tuple[str, ...] = ("synthetic",)
+DATASETS: tuple[str, ...] = ("synthetic", "stress_predict")
 PARTITION_SCHEMES: tuple[str, ...] = ("site", "dirichlet")
 FUSIONS: tuple[str, ...] = ("concat", "attention", "late")
 ENCODERS: tuple[str, ...] = ("tcn", "gru")
@@ -89,6 +89,7 @@ class DataConfig:
     sequences_per_person: int = 80
     seq_len: int = 20
     modalities: str = "all"
+    root: str = "../shared/data"  # real datasets: folder holding ravdess/, stress-predict/, meld/
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
