@@ -22,6 +22,7 @@ from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.registry import load_client_dataset
 from fedmer.models import build_model
+from fedmer.privacy.budget import open_budget
 from fedmer.privacy.clipping import clip_update
 from fedmer.privacy.engine import (
     PrivacyHistory,
@@ -114,10 +115,13 @@ def train(msg: Message, context: Context) -> Message:
         if rk.PRIVACY_STATE in context.state
         else PrivacyHistory()
     )
-    noise = 0.0
+    noise, lifetime = 0.0, math.inf
     trained: torch.nn.Module = model
     if p.mode == "sample":
         noise = _noise_multiplier(cfg, len(data))
+        rate, steps = planned_steps(len(data), cfg.federation.batch_size, epochs, 1)
+        # Checked and written to the node's ledger before training; raises BudgetExceeded.
+        lifetime = open_budget(context, cfg, pid, (noise, rate, steps), server_round).epsilon_after
         setup = make_private(
             model,
             optimizer,
@@ -138,6 +142,8 @@ def train(msg: Message, context: Context) -> Message:
         lr=lr,
     )
     if p.mode == "sample":
+        if result.steps != steps:
+            raise RuntimeError(f"DP-SGD ran {result.steps} steps but the ledger recorded {steps}")
         history = setup.history()
         context.state[rk.PRIVACY_STATE] = ConfigRecord(history.to_lists())
         epsilon = compute_epsilon(history, p.delta, p.accountant)
@@ -150,6 +156,7 @@ def train(msg: Message, context: Context) -> Message:
             rk.NUM_EXAMPLES: len(data),
             rk.TRAIN_LOSS: result.loss,
             rk.EPSILON: epsilon,
+            rk.EPSILON_LIFETIME: lifetime,
             rk.DELTA: p.delta,
             rk.NOISE_MULTIPLIER: noise,
             rk.STEPS: history.steps,

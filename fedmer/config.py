@@ -165,6 +165,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     update_clip_norm: float = 5.0
     accountant: str = "rdp"
+    budget_cap: float = math.inf  # a node refuses a round that would take its ledger past this epsilon
 
     def __post_init__(self) -> None:
         _choice("privacy.mode", self.mode, PRIVACY_MODES)
@@ -185,6 +186,7 @@ class PrivacyConfig:
             )
         _positive("privacy.max_grad_norm", self.max_grad_norm)
         _positive("privacy.update_clip_norm", self.update_clip_norm)
+        _positive("privacy.budget_cap", self.budget_cap)
 
 
 @dataclass(frozen=True)

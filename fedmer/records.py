@@ -11,6 +11,7 @@ __all__ = [
     "CONFIG",
     "DELTA",
     "EPSILON",
+    "EPSILON_LIFETIME",
     "EVAL_ACCURACY",
     "EVAL_LOSS",
     "LOCAL_EPOCHS",
@@ -39,7 +40,8 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train_loss"
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
-EPSILON = "epsilon"
+EPSILON = "epsilon"  # this run, cumulative over the rounds the node joined
+EPSILON_LIFETIME = "epsilon_lifetime"  # the node ledger: every run, every round
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise_multiplier"
 STEPS = "dp_steps"

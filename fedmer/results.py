@@ -43,6 +43,7 @@ CSV_COLUMNS = (
     "clients_sampled",
     "clients_replied",
     "clients_failed",
+    "clients_refused",
     "train_loss",
     "update_norm_mean",
     "update_clipped_frac",

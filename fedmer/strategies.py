@@ -21,6 +21,7 @@ from flwr.serverapp import strategy as fs
 from fedmer import records as rk
 from fedmer.config import STRATEGIES, ConfigError, ExperimentConfig
 from fedmer.grid import short_reason
+from fedmer.privacy.ledger import BUDGET_MARKER
 
 __all__ = ["STRATEGY_REGISTRY", "AccountedStrategy", "RoundReport", "build_strategy", "register_strategy"]
 
@@ -102,6 +103,7 @@ class RoundReport:
     server_round: int
     sampled: int = 0
     failures: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)  # nodes whose privacy budget is spent
     clients: list[dict] = field(default_factory=list)  # one MetricRecord (as dict) per reply
 
     def epsilons(self) -> list[float]:
@@ -132,9 +134,17 @@ class AccountedStrategy(fs.Strategy):
         report = self.rounds.setdefault(server_round, RoundReport(server_round))
         for msg in replies:
             if msg.has_error():
-                report.failures.append(f"node {msg.metadata.src_node_id}: {short_reason(msg.error.reason)}")
+                reason = f"node {msg.metadata.src_node_id}: {short_reason(msg.error.reason)}"
+                (report.refusals if BUDGET_MARKER in msg.error.reason else report.failures).append(reason)
             else:
                 report.clients.append(dict(msg.content[rk.METRICS]))
+        if report.refusals:
+            log.warning(
+                "round %d: %d client(s) refused to train, their privacy budget is spent:\n  %s",
+                server_round,
+                len(report.refusals),
+                "\n  ".join(report.refusals),
+            )
         if report.failures:
             log.warning(
                 "round %d: %d of %d clients failed:\n  %s",
@@ -144,9 +154,10 @@ class AccountedStrategy(fs.Strategy):
                 "\n  ".join(report.failures),
             )
         if replies and not report.clients:
+            first = (report.failures or report.refusals)[0]
             raise RuntimeError(
-                f"round {server_round}: every sampled client failed ({len(report.failures)}); "
-                f"first error: {report.failures[0]}"
+                f"round {server_round}: no sampled client trained ({len(report.failures)} failed, "
+                f"{len(report.refusals)} refused: budget spent); first: {first}"
             )
         if len(replies) < report.sampled:
             log.warning(

@@ -69,6 +69,7 @@ def _round_row(
         "clients_sampled": rr.sampled if rr else 0,
         "clients_replied": len(clients),
         "clients_failed": len(rr.failures) if rr else 0,
+        "clients_refused": len(rr.refusals) if rr else 0,
         "train_loss": statistics.fmean(float(c[rk.TRAIN_LOSS]) for c in clients) if clients else None,
         "update_norm_mean": statistics.fmean(norms) if norms else None,
         "update_clipped_frac": statistics.fmean(float(c[rk.UPDATE_CLIPPED]) for c in clients)
@@ -81,6 +82,12 @@ def _round_row(
         "confusion": report["confusion"],
         "client_epsilons": {int(c[rk.PARTITION_ID]): float(c[rk.EPSILON]) for c in clients},
         "failures": rr.failures if rr else [],
+        "refusals": rr.refusals if rr else [],
+        "client_epsilons_lifetime": {
+            int(c[rk.PARTITION_ID]): float(c[rk.EPSILON_LIFETIME])
+            for c in clients
+            if rk.EPSILON_LIFETIME in c
+        },
     }
     return row, detail
 
@@ -148,6 +155,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     extra = {
         "wall_time_s": round(time.monotonic() - t0, 2),
         "clients_failed_total": sum(len(r.failures) for r in strategy.rounds.values()),
+        "clients_refused_total": sum(len(r.refusals) for r in strategy.rounds.values()),
         "chance_uar": 1.0 / split.test.num_classes,
         "class_names": list(split.test.class_names),
     }

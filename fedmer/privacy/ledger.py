@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - not POSIX: one writer per file is then
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "BUDGET_MARKER",
     "SCHEMA_VERSION",
     "UNIT",
     "BudgetExceeded",
@@ -63,13 +64,19 @@ class LedgerError(ValueError):
     """The ledger file is missing, corrupt or inconsistent; the message names the file."""
 
 
+#: Starts every BudgetExceeded message, so a server can tell a refusal from a failure
+#: in an error reply, whatever runtime wrapped the exception.
+BUDGET_MARKER = "privacy budget exceeded"
+
+
 class BudgetExceeded(Exception):  # noqa: N818 - the public name reads as the event it reports
     """A planned round would take the node past its epsilon cap."""
 
     def __init__(self, node: str, spent: float, planned: float, cap: float, delta: float) -> None:
         self.node, self.spent, self.planned, self.cap, self.delta = node, spent, planned, cap, delta
         super().__init__(
-            f"node {node!r} would reach epsilon {planned:.4g} (delta {delta:g}) after this round, "
+            f"{BUDGET_MARKER}: node {node!r} would reach epsilon {planned:.4g} (delta {delta:g}) "
+            "after this round, "
             f"over its cap of {cap:.4g}; spent so far {spent:.4g}"
         )
 

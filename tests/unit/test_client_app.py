@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ FLAT = ExperimentConfig().to_run_config() | {
     "federation.num_clients": 3,
     "federation.batch_size": 16,
     "privacy.update_clip_norm": 0.05,  # small enough that every update is clipped
+    "output.dir": tempfile.mkdtemp(prefix="fedmer-client-test-"),  # simulation ledgers land here
 }
 
 
@@ -32,11 +34,20 @@ def _task_identity():
     yield
 
 
-def _context(pid: int = 0, flat: dict | None = None, num_partitions: int = 3) -> Context:
+def _context(
+    pid: int = 0,
+    flat: dict | None = None,
+    num_partitions: int = 3,
+    run_id: int = 1,
+    ledger: str | None = None,
+) -> Context:
+    node_config = {"partition-id": pid, "num-partitions": num_partitions}
+    if ledger is not None:
+        node_config["ledger-path"] = ledger
     return Context(
-        run_id=1,
+        run_id=run_id,
         node_id=pid + 1,
-        node_config={"partition-id": pid, "num-partitions": num_partitions},
+        node_config=node_config,
         state=RecordDict(),
         run_config=dict(flat or FLAT),
     )
@@ -128,3 +139,24 @@ def test_evaluate_reports_loss_and_accuracy() -> None:
     )
     metrics = evaluate(msg, _context()).content[rk.METRICS]
     assert 0.0 <= metrics[rk.EVAL_ACCURACY] <= 1.0 and metrics[rk.EVAL_LOSS] > 0
+
+
+def test_ledger_carries_spend_across_runs_and_enforces_the_cap(tmp_path) -> None:
+    from client.app import train
+    from fedmer.privacy.ledger import BudgetExceeded, read_ledger
+
+    ledger = str(tmp_path / "node.json")
+    state = _global()
+    first = train(_train_msg(state, 1), _context(run_id=101, ledger=ledger)).content[rk.METRICS]
+    second = train(_train_msg(state, 1), _context(run_id=102, ledger=ledger)).content[rk.METRICS]
+    # each run's own epsilon starts afresh; the node's lifetime spend does not
+    assert second[rk.EPSILON] == pytest.approx(first[rk.EPSILON])
+    assert second[rk.EPSILON_LIFETIME] > first[rk.EPSILON_LIFETIME] == pytest.approx(first[rk.EPSILON])
+    on_disk = read_ledger(ledger)
+    assert on_disk.spent() == pytest.approx(second[rk.EPSILON_LIFETIME])
+    assert {e.run_id for e in on_disk.entries} == {"101", "102"}
+
+    capped = FLAT | {"privacy.budget_cap": second[rk.EPSILON_LIFETIME] * 1.01}
+    with pytest.raises(BudgetExceeded, match="privacy budget exceeded: node 'client-0' would reach"):
+        train(_train_msg(state, 1), _context(run_id=103, ledger=ledger, flat=capped))
+    assert read_ledger(ledger).spent() == pytest.approx(on_disk.spent())  # refusal spent nothing

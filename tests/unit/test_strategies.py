@@ -83,7 +83,7 @@ def test_failures_are_recorded_and_max_epsilon_kept() -> None:
 
 def test_a_round_where_every_client_fails_stops_the_run() -> None:
     strategy = build_strategy(_cfg("fedavg"))
-    with pytest.raises(RuntimeError, match="every sampled client failed.*FloatingPointError"):
+    with pytest.raises(RuntimeError, match="no sampled client trained.*2 failed.*FloatingPointError"):
         strategy.aggregate_train(1, [_failure(1, "FloatingPointError: loss nan"), _failure(2, "x")])
 
 
@@ -92,3 +92,14 @@ def test_aggregation_is_independent_of_reply_order() -> None:
     a, _ = build_strategy(_cfg("fedavg")).aggregate_train(1, replies)
     b, _ = build_strategy(_cfg("fedavg")).aggregate_train(1, list(reversed(replies)))
     assert np.array_equal(a.to_numpy_ndarrays()[0], b.to_numpy_ndarrays()[0])
+
+
+def test_budget_refusals_are_told_apart_from_failures() -> None:
+    from fedmer.privacy.ledger import BudgetExceeded
+
+    strategy = build_strategy(_cfg("fedavg"))
+    refusal = _failure(5, f"ClientAppException: {BudgetExceeded('client-4', 7.9, 8.3, 8.0, 1e-5)}")
+    strategy.aggregate_train(1, [_reply(0, 1.0, 0.5, 10), refusal])
+    report = strategy.rounds[1]
+    assert report.failures == [] and len(report.refusals) == 1
+    assert "would reach epsilon 8.3" in report.refusals[0] and "cap of 8" in report.refusals[0]
