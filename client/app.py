@@ -23,6 +23,7 @@ from fedmer.data.base import MultimodalDataset
 from fedmer.data.registry import load_client_dataset
 from fedmer.models import build_model
 from fedmer.privacy.budget import open_budget
+from fedmer.privacy.client_level import client_dp_mod
 from fedmer.privacy.clipping import clip_update
 from fedmer.privacy.engine import (
     PrivacyHistory,
@@ -36,7 +37,7 @@ from fedmer.train import evaluate_model, make_loader, seed_everything, train_epo
 __all__ = ["app", "experiment_of", "partition_of"]
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+app = ClientApp(mods=[client_dp_mod])
 
 
 @functools.lru_cache(maxsize=8)
@@ -117,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     noise, lifetime = 0.0, math.inf
     trained: torch.nn.Module = model
-    if p.mode == "sample":
+    if p.sample_level:
         noise = _noise_multiplier(cfg, len(data))
         rate, steps = planned_steps(len(data), cfg.federation.batch_size, epochs, 1)
         # Checked and written to the node's ledger before training; raises BudgetExceeded.
@@ -141,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
         global_params=global_state,
         lr=lr,
     )
-    if p.mode == "sample":
+    if p.sample_level:
         if result.steps != steps:
             raise RuntimeError(f"DP-SGD ran {result.steps} steps but the ledger recorded {steps}")
         history = setup.history()
@@ -154,6 +155,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             rk.NUM_EXAMPLES: len(data),
+            rk.CLIENT_WEIGHT: 1,
             rk.TRAIN_LOSS: result.loss,
             rk.EPSILON: epsilon,
             rk.EPSILON_LIFETIME: lifetime,
@@ -190,6 +192,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             rk.NUM_EXAMPLES: len(data),
+            rk.CLIENT_WEIGHT: 1,
             rk.EVAL_LOSS: report["loss"],
             rk.EVAL_ACCURACY: report["accuracy"],
             rk.PARTITION_ID: pid,

@@ -33,7 +33,11 @@ DATASETS: tuple[str, ...] = ("synthetic", "stress_predict")
 PARTITION_SCHEMES: tuple[str, ...] = ("site", "dirichlet")
 FUSIONS: tuple[str, ...] = ("concat", "attention", "late")
 ENCODERS: tuple[str, ...] = ("tcn", "gru")
-PRIVACY_MODES: tuple[str, ...] = ("sample", "off")
+PRIVACY_MODES: tuple[str, ...] = ("sample", "client", "both", "off")
+CLIENT_CLIPPINGS: tuple[str, ...] = ("fixed", "adaptive")
+CLIPPING_SIDES: tuple[str, ...] = ("server", "client")
+#: Strategies whose aggregation is FedAvg's, which Flower's client-level accountant requires.
+FEDAVG_AGGREGATION: tuple[str, ...] = ("fedavg", "fedprox")
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 STRATEGIES: tuple[str, ...] = (
     "fedavg",
@@ -166,6 +170,19 @@ class PrivacyConfig:
     update_clip_norm: float = 5.0
     accountant: str = "rdp"
     budget_cap: float = math.inf  # a node refuses a round that would take its ledger past this epsilon
+    client_noise_multiplier: float = 1.0  # client-level DP (Flower's wrappers): noise on the aggregate
+    client_clipping: str = "fixed"
+    client_clipping_side: str = "server"
+
+    @property
+    def sample_level(self) -> bool:
+        """DP-SGD inside each client (protects one sample)."""
+        return self.mode in ("sample", "both")
+
+    @property
+    def client_level(self) -> bool:
+        """Flower's DP wrapper around the strategy (protects one whole client)."""
+        return self.mode in ("client", "both")
 
     def __post_init__(self) -> None:
         _choice("privacy.mode", self.mode, PRIVACY_MODES)
@@ -178,7 +195,7 @@ class PrivacyConfig:
             isinstance(self.noise_multiplier, (int, float)) and self.noise_multiplier >= 0
         ):
             _fail("privacy.noise_multiplier", self.noise_multiplier, f"expected '{AUTO}' or >= 0")
-        if self.mode == "sample" and self.noise_multiplier is None and math.isinf(self.target_epsilon):
+        if self.sample_level and self.noise_multiplier is None and math.isinf(self.target_epsilon):
             _fail(
                 "privacy.target_epsilon",
                 self.target_epsilon,
@@ -187,6 +204,10 @@ class PrivacyConfig:
         _positive("privacy.max_grad_norm", self.max_grad_norm)
         _positive("privacy.update_clip_norm", self.update_clip_norm)
         _positive("privacy.budget_cap", self.budget_cap)
+        _choice("privacy.client_clipping", self.client_clipping, CLIENT_CLIPPINGS)
+        _choice("privacy.client_clipping_side", self.client_clipping_side, CLIPPING_SIDES)
+        if self.client_level:
+            _positive("privacy.client_noise_multiplier", self.client_noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -283,6 +304,15 @@ class ExperimentConfig:
                 fed.min_train_clients,
                 f"the strategy needs at least this many clients but federation.num_clients="
                 f"{fed.num_clients}; lower it or add clients",
+            )
+        p = self.privacy
+        if p.client_level and p.client_clipping == "fixed" and self.strategy.name not in FEDAVG_AGGREGATION:
+            _fail(
+                "strategy.name",
+                self.strategy.name,
+                f"client-level DP with fixed clipping is accounted by Flower's accountant, which needs "
+                f"FedAvg's aggregation ({', '.join(FEDAVG_AGGREGATION)}); choose one of those, or "
+                "privacy.client_clipping=adaptive (Flower has no accountant for it: no client-level epsilon)",
             )
         needed = _strategy_min_clients(self.strategy)
         if fed.clients_per_round < needed:

@@ -33,20 +33,28 @@ def plot_learning_curve(
     ax.set_ylabel("held-out persons")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    eps = [r.get("epsilon_max") for r in rows]
-    eps_ok = [
-        (x, e) for x, e in zip(rounds, eps, strict=False) if isinstance(e, (int, float)) and math.isfinite(e)
-    ]
     handles, labels = ax.get_legend_handles_labels()
-    if eps_ok:
-        ax2 = ax.twinx()
-        (line,) = ax2.plot([x for x, _ in eps_ok], [e for _, e in eps_ok], "--", color="crimson")
-        ax2.set_ylabel("max client ε (cumulative)", color="crimson")
-        ax2.tick_params(axis="y", colors="crimson")
-        ax2.set_ylim(bottom=0)
+    delta = rows[-1].get("delta")
+    curves = []
+    if delta is not None:  # sample-level DP-SGD ran
+        curves.append(
+            ("epsilon_max", "crimson", f"max ε per sample, δ={delta:g} ({rows[-1].get('accountant')})")
+        )
+    if rows[-1].get("client_epsilon") is not None:
+        curves.append(("client_epsilon", "darkorange", "ε per client (Flower RDP)"))
+    ax2 = ax.twinx() if curves else None
+    for key, color, label in curves:
+        pts = [
+            (r["round"], r[key])
+            for r in rows
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+        ]
+        (line,) = ax2.plot([x for x, _ in pts], [e for _, e in pts], "--", color=color)
         handles.append(line)
-        delta = rows[-1].get("delta")
-        labels.append(f"max ε, δ={delta:g} ({rows[-1].get('accountant')}, per sample)")
+        labels.append(label)
+    if ax2 is not None:
+        ax2.set_ylabel("cumulative ε")
+        ax2.set_ylim(bottom=0)
     ax.legend(handles, labels, loc="lower right", fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ARRAYS",
+    "CLIENT_WEIGHT",
     "CONFIG",
     "DELTA",
     "EPSILON",
@@ -48,6 +49,7 @@ STEPS = "dp_steps"
 UPDATE_NORM = "update_norm"
 UPDATE_CLIPPED = "update_clipped"
 PARTITION_ID = "partition_id"
+CLIENT_WEIGHT = "client-weight"  # always 1: the equal weights client-level DP accounting needs
 
 # ConfigRecord keys sent by the server
 SERVER_ROUND = "server-round"  # injected by every Flower strategy

@@ -44,6 +44,8 @@ CSV_COLUMNS = (
     "clients_replied",
     "clients_failed",
     "clients_refused",
+    "client_epsilon",
+    "client_epsilon",
     "train_loss",
     "update_norm_mean",
     "update_clipped_frac",
@@ -54,16 +56,27 @@ CSV_COLUMNS = (
 def privacy_statement(cfg: ExperimentConfig) -> dict[str, Any]:
     """What the reported epsilon means for this run."""
     p = cfg.privacy
-    if p.mode == "off":
-        return {
-            "mode": "off",
-            "unit": "none",
-            "accountant": "none",
-            "delta": None,
-            "note": "non-private baseline: no DP noise; epsilon is infinite",
+    statement: dict[str, Any] = {"mode": p.mode}
+    if p.client_level:
+        accounted = p.client_clipping == "fixed"
+        statement["client_level"] = {
+            "unit": "one whole client (a vehicle or hospital with all its data, add/remove)",
+            "accountant": "Flower RDP (dp-accounting), no sampling amplification" if accounted else "none",
+            "delta": p.delta if accounted else None,
+            "noise_multiplier": p.client_noise_multiplier,
+            "clipping": f"{p.client_clipping}, {p.client_clipping_side}-side, norm {p.update_clip_norm}",
+            "note": "client_epsilon in rounds.csv" if accounted else "adaptive clipping is not accounted",
         }
+    if not p.sample_level:
+        statement.update(
+            unit="none",
+            accountant="none",
+            delta=None,
+            note="no DP-SGD inside clients: sample-level epsilon is infinite",
+        )
+        return statement
     return {
-        "mode": p.mode,
+        **statement,
         "unit": "sample (one training sequence of one person, add/remove) within each client",
         "accountant": p.accountant,
         "delta": p.delta,

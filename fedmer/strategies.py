@@ -21,6 +21,7 @@ from flwr.serverapp import strategy as fs
 from fedmer import records as rk
 from fedmer.config import STRATEGIES, ConfigError, ExperimentConfig
 from fedmer.grid import short_reason
+from fedmer.privacy.client_level import wrap_client_level_dp
 from fedmer.privacy.ledger import BUDGET_MARKER
 
 __all__ = ["STRATEGY_REGISTRY", "AccountedStrategy", "RoundReport", "build_strategy", "register_strategy"]
@@ -217,7 +218,9 @@ def build_strategy(cfg: ExperimentConfig) -> AccountedStrategy:
             f"invalid strategy.name={name!r}: expected one of {', '.join(sorted(STRATEGY_REGISTRY))}"
         )
     f = cfg.federation
+    accounted = cfg.privacy.client_level and cfg.privacy.client_clipping == "fixed"
     common = {
+        "weighted_by_key": rk.CLIENT_WEIGHT if accounted else rk.NUM_EXAMPLES,
         "fraction_train": f.fraction_train,
         "fraction_evaluate": f.fraction_evaluate,
         "min_train_nodes": f.min_train_clients,
@@ -226,7 +229,10 @@ def build_strategy(cfg: ExperimentConfig) -> AccountedStrategy:
         "train_metrics_aggr_fn": _metrics_mean,
         "evaluate_metrics_aggr_fn": _metrics_mean,
     }
-    return AccountedStrategy(STRATEGY_REGISTRY[name](cfg, common))
+    strategy = STRATEGY_REGISTRY[name](cfg, common)
+    if cfg.privacy.client_level:
+        strategy = wrap_client_level_dp(strategy, cfg)
+    return AccountedStrategy(strategy)
 
 
 assert set(STRATEGY_REGISTRY) == set(STRATEGIES), "config.STRATEGIES and the registry disagree"

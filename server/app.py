@@ -26,6 +26,7 @@ from fedmer.data.registry import load_client_dataset, load_split
 from fedmer.grid import PartitionOrderedGrid
 from fedmer.models import build_model
 from fedmer.plots import plot_learning_curve
+from fedmer.privacy.client_level import client_level_epsilon
 from fedmer.results import RunRecorder
 from fedmer.strategies import AccountedStrategy, RoundReport, build_strategy
 from fedmer.train import evaluate_model
@@ -47,11 +48,16 @@ def check_partitions(cfg: ExperimentConfig) -> list[int]:
 
 
 def _round_row(
-    server_round: int, report: dict[str, Any], rr: RoundReport | None, cfg: ExperimentConfig, elapsed: float
+    server_round: int,
+    report: dict[str, Any],
+    rr: RoundReport | None,
+    cfg: ExperimentConfig,
+    elapsed: float,
+    client_eps: float | None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     clients = rr.clients if rr else []
     eps = rr.epsilons() if rr else []
-    off = cfg.privacy.mode == "off"
+    off = not cfg.privacy.sample_level
     norms = [float(c[rk.UPDATE_NORM]) for c in clients]
     row = {
         "round": server_round,
@@ -75,6 +81,7 @@ def _round_row(
         "update_clipped_frac": statistics.fmean(float(c[rk.UPDATE_CLIPPED]) for c in clients)
         if clients
         else None,
+        "client_epsilon": client_eps,
         "elapsed_s": round(elapsed, 3),
     }
     detail = {
@@ -124,13 +131,19 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         report = evaluate_model(model, split.test)
+        # Flower's client-level accountant (fixed clipping only); 0 before the first release
+        client_eps = client_level_epsilon(strategy.inner) if cfg.privacy.client_level else None
+        if client_eps is None and cfg.privacy.client_level and cfg.privacy.client_clipping == "fixed":
+            client_eps = 0.0
         row, detail = _round_row(
-            server_round, report, strategy.rounds.get(server_round), cfg, time.monotonic() - t0
+            server_round, report, strategy.rounds.get(server_round), cfg, time.monotonic() - t0, client_eps
         )
         recorder.record(row, detail)
         status = f"UAR {row['uar']:.3f}  max ε {row['epsilon_max']:.2f}"
         if row["delta"] is not None:
             status += f" (δ={row['delta']:g}, {row['accountant']}, per sample)"
+        if client_eps is not None:
+            status += f"  client-level ε {client_eps:.2f} (δ={cfg.privacy.delta:g}, per client)"
         progress.update(task, completed=server_round, status=status)
         log.info(
             "round %d: held-out UAR %.4f, macro-F1 %.4f, acc %.4f | %s",

@@ -11,6 +11,7 @@ from fedmer.data.registry import (
     load_split,
     register_dataset,
 )
+from fedmer.data.stress_predict import load_stress_predict  # registers "stress_predict"
 from fedmer.data.synthetic import generate_synthetic, scenario_class_names
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "generate_synthetic",
     "load_client_dataset",
     "load_split",
+    "load_stress_predict",
     "partition_clients",
     "partition_indices",
     "register_dataset",
