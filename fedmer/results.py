@@ -45,7 +45,6 @@ CSV_COLUMNS = (
     "clients_failed",
     "clients_refused",
     "client_epsilon",
-    "client_epsilon",
     "train_loss",
     "update_norm_mean",
     "update_clipped_frac",
