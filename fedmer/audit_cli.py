@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shadows", type=int, default=8, help="LiRA shadow models (0: loss attack only)")
     parser.add_argument("--seed", type=int, default=0, help="seeds subsampling, shadow splits, bootstrap")
     parser.add_argument(
-        "--shadow-epochs", type=int, default=None, help="override num_rounds*local_epochs for the shadows"
+        "--no-background",
+        action="store_true",
+        help="train shadows on the candidates only (attacker without the other clients' data)",
     )
     parser.add_argument("--json", action="store_true", help="print the audit report as JSON")
     return parser
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             client=args.client,
             shadows=args.shadows,
             seed=args.seed,
-            shadow_epochs=args.shadow_epochs,
+            background=not args.no_background,
         )
     except AuditError as err:
         print(f"fedmer audit: {err}", file=sys.stderr)

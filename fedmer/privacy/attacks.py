@@ -3,12 +3,12 @@
 * **Loss threshold** (Yeom et al., 2018): members were fitted, so their loss is lower;
   score = -cross-entropy under the target model. No shadow models, a lower bound on leakage.
 * **LiRA** (Carlini et al., 2022): per-example calibration. ``K`` shadow models are trained
-  with the target's own recipe on random halves of a pool the attacker holds (here the
-  candidates themselves: the online variant). For each candidate, the logit-scaled
-  confidence ``phi = log(p_y / (1 - p_y))`` of its shadows that did / did not train on it is
-  fitted by a Gaussian, and the target's ``phi`` is scored by the likelihood ratio
-  (online) or by how far it sits above the "out" Gaussian (offline). With fewer than 64
-  shadows one global variance per side is used, as the paper recommends.
+  with the target's own recipe on random halves of the candidate pool (the online
+  variant), each on top of a background every shadow shares. For each candidate, the
+  logit-scaled confidence ``phi = log(p_y / (1 - p_y))`` of the shadows that did / did not
+  train on it is fitted by a Gaussian, and the target's ``phi`` is scored by the likelihood
+  ratio (online) or by how far it sits above the "out" Gaussian (offline). With fewer than
+  64 shadows one global variance per side is used, as the paper recommends.
 
 Shadow halves are drawn per *person*, not per sequence: each candidate person is in exactly
 ``K // 2`` shadows with all of their pooled sequences. That matches the target's game (a
@@ -38,6 +38,7 @@ __all__ = [
     "lira_attack",
     "loss_threshold_attack",
     "run_noise_multiplier",
+    "run_steps",
     "train_like_run",
     "train_shadows",
 ]
@@ -102,14 +103,25 @@ def run_noise_multiplier(cfg: ExperimentConfig, client_size: int) -> float:
     return noise_for_target(p.target_epsilon, p.delta, rate, steps, p.accountant)
 
 
+def run_steps(cfg: ExperimentConfig, client_size: int) -> int:
+    """Local DP-SGD steps a client of ``client_size`` took over the run (if in every round)."""
+    f = cfg.federation
+    return planned_steps(client_size, f.batch_size, f.local_epochs, f.num_rounds)[1]
+
+
 def train_like_run(
-    cfg: ExperimentConfig, data: MultimodalDataset, seed: int, *, noise: float, epochs: int
+    cfg: ExperimentConfig, data: MultimodalDataset, seed: int, *, noise: float, steps: int
 ) -> nn.Module:
-    """One model trained centrally with the run's client recipe (optimizer, lr, batch, DP)."""
+    """One model trained centrally with the run's client recipe (optimizer, lr, batch, DP).
+
+    Trained for about ``steps`` optimizer steps (whole epochs over ``data``), so a bigger
+    shadow dataset costs no more time and each example is seen as often as the mix implies.
+    """
     seed_everything(cfg.seed, seed)
     model = build_model(cfg.model, data.feature_slices, data.num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.federation.lr, momentum=0.9)
     loader = make_loader(data, cfg.federation.batch_size, seed)
+    epochs = max(1, round(steps / len(loader)))
     trained: nn.Module = model
     if cfg.privacy.mode == "sample":
         setup = make_private(
@@ -144,10 +156,15 @@ def train_shadows(
     *,
     shadows: int,
     noise: float,
-    epochs: int,
+    steps: int,
+    background: MultimodalDataset | None = None,
     seed: int = 0,
 ) -> ShadowSet:
-    """Train ``shadows`` models on person-level random halves of ``pool``; score all of it."""
+    """Train ``shadows`` models on ``background`` plus person-level random halves of ``pool``.
+
+    ``background`` (data every shadow trains on, e.g. the other clients' data) makes the
+    shadows see the population the target saw; without it they see only the candidates.
+    """
     if shadows < 2:
         raise ValueError(f"LiRA needs at least 2 shadow models (one in, one out), got {shadows}")
     rng = np.random.default_rng([seed, 104729])
@@ -159,7 +176,9 @@ def train_shadows(
     phi = np.empty(inside.shape, dtype=np.float64)
     for k in range(shadows):
         subset = pool.subset(np.flatnonzero(inside[k]))
-        model = train_like_run(cfg, subset, 7919 * (seed + 1) + k, noise=noise, epochs=epochs)
+        if background is not None:
+            subset = concat(background, subset)
+        model = train_like_run(cfg, subset, 7919 * (seed + 1) + k, noise=noise, steps=steps)
         _, phi[k] = example_stats(model, pool)
         log.info("shadow %d/%d trained on %d sequences", k + 1, shadows, len(subset))
     return ShadowSet(phi=phi, inside=inside)

@@ -12,10 +12,15 @@ Two approximations, stated in ``audit.json`` as well:
   sequences of persons never seen. The run's DP guarantee is per sequence, so its epsilon
   bounds this game only through group privacy (vacuous at tens of sequences per person);
   the audit measures what leaks in practice, it does not test the accountant.
-* Shadows are trained centrally, on one pool half, for ``num_rounds * local_epochs``
-  epochs with the client recipe (SGD momentum 0.9, lr, batch, DP-SGD noise and clip) but
-  without federation: the target averaged each round with other clients and clipped the
-  update, so shadows fit their data harder than the target did its client's.
+* Shadows are trained centrally, not federated: on the other clients' data (the
+  background: the auditor is assumed to know everything but the candidates' membership,
+  DP's own adversary) plus a person-level half of the candidates, with the client recipe
+  (SGD momentum 0.9, lr, batch, DP-SGD noise multiplier and clip) for as many steps as
+  one client took over the run (``num_rounds * local_epochs * ceil(n / batch)``). The
+  target instead averaged per round over clients, which also averages their DP noise, so
+  private shadows are noisier per step than the target; calibration is approximate.
+  Without the background (``background=False``) shadows never see the other sites and
+  are miscalibrated (measured: LiRA AUC below 0.5 on the default run).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import logging
 import math
 import time
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,7 @@ from fedmer.privacy.attacks import (
     lira_attack,
     loss_threshold_attack,
     run_noise_multiplier,
+    run_steps,
     train_shadows,
 )
 from fedmer.privacy.roc import AttackResult, roc_curve
@@ -110,12 +117,12 @@ def audit_run(
     client: int = 0,
     shadows: int = 8,
     seed: int = 0,
-    shadow_epochs: int | None = None,
+    background: bool = True,
 ) -> dict[str, Any]:
     """Attack the run's global model on ``client``'s members; write audit.json + ROC; return it.
 
-    ``shadows=0`` runs the loss attack only. ``shadow_epochs`` overrides the shadows'
-    ``num_rounds * local_epochs`` (for quick looks; the default is the faithful one).
+    ``shadows=0`` runs the loss attack only; ``background=False`` trains the shadows on
+    candidates alone (a weaker attacker who does not hold the other clients' data).
     """
     t0 = time.monotonic()
     run_dir = Path(run_dir)
@@ -125,8 +132,6 @@ def audit_run(
         raise AuditError(f"invalid client={client!r}: this run has clients 0..{n_clients - 1}")
     if shadows < 0 or shadows == 1:
         raise AuditError(f"invalid shadows={shadows}: use 0 (loss attack only) or at least 2")
-    if shadow_epochs is not None and shadow_epochs < 1:
-        raise AuditError(f"invalid shadow_epochs={shadow_epochs}: expected at least 1")
     try:
         client_data, split = load_client_dataset(cfg, client), load_split(cfg)
     except (ConfigError, OSError) as err:
@@ -141,11 +146,15 @@ def audit_run(
     except (RuntimeError, OSError, EOFError) as err:
         raise AuditError(f"{run_dir / 'model.pt'} does not fit the run's model config: {err}") from None
     results: list[AttackResult] = [loss_threshold_attack(model, members, nonmembers, seed=seed)]
-    epochs = shadow_epochs or cfg.federation.num_rounds * cfg.federation.local_epochs
+    steps = run_steps(cfg, len(client_data))
     noise = run_noise_multiplier(cfg, len(client_data))
+    others = [c for c in range(n_clients) if c != client] if background and shadows else []
+    back = reduce(concat, (load_client_dataset(cfg, c) for c in others)) if others else None
     if shadows:
         pool = concat(members, nonmembers)
-        shadow = train_shadows(cfg, pool, shadows=shadows, noise=noise, epochs=epochs, seed=seed)
+        shadow = train_shadows(
+            cfg, pool, shadows=shadows, noise=noise, steps=steps, background=back, seed=seed
+        )
         results += [
             lira_attack(model, members, nonmembers, shadow, offline=o, seed=seed) for o in (False, True)
         ]
@@ -165,12 +174,13 @@ def audit_run(
         "attacks": {r.name: r.to_json() for r in results},
         "shadow": {
             "count": shadows,
-            "epochs": epochs,
+            "steps": steps,
+            "background": f"the other {len(others)} clients' data ({len(back)} sequences)" if back else None,
             "dp_sgd": cfg.privacy.mode == "sample",
             "noise_multiplier": noise,
             "max_grad_norm": cfg.privacy.max_grad_norm if cfg.privacy.mode == "sample" else None,
-            "training": "central (no federation), person-level random halves of the candidate pool, "
-            "each person in exactly half of the shadows",
+            "training": "central (no federation): background plus a person-level random half of "
+            "the candidates, each candidate person in exactly half of the shadows",
         },
         "privacy": _privacy(run_dir, config, client),
         "elapsed_s": round(time.monotonic() - t0, 1),

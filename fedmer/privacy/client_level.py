@@ -25,7 +25,7 @@ from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConf
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedmer import records as rk
-from fedmer.config import ExperimentConfig
+from fedmer.config import ConfigError, ExperimentConfig
 
 __all__ = ["client_dp_mod", "client_level_epsilon", "wrap_client_level_dp"]
 
@@ -46,7 +46,13 @@ def wrap_client_level_dp(inner: fs.Strategy, cfg: ExperimentConfig) -> fs.Strate
             "client-level DP with adaptive clipping: Flower has no accountant for it, "
             "so no client-level epsilon is reported"
         )
-        return cls(inner, p.client_noise_multiplier, n, initial_clipping_norm=p.update_clip_norm)
+        try:
+            return cls(inner, p.client_noise_multiplier, n, initial_clipping_norm=p.update_clip_norm)
+        except ValueError as err:  # Flower checks the noise it can split off for the clipped count
+            raise ConfigError(
+                f"invalid privacy.client_noise_multiplier={p.client_noise_multiplier!r} for adaptive "
+                f"clipping with {n} clients per round: {err} (more clients per round or less noise)"
+            ) from err
     accountant = RdpAccountant(
         FlowerPrivacyConfig(
             target_delta=p.delta,

@@ -113,3 +113,19 @@ def test_unsampled_clients_spend_nothing(tmp_path: Path) -> None:
     assert all(len(v) == 1 for v in by_count.values())
     counts = sorted(by_count)
     assert [min(by_count[c]) for c in counts] == sorted(min(by_count[c]) for c in counts)
+
+
+def test_client_level_dp_reports_flowers_accounted_epsilon(tmp_path: Path) -> None:
+    """privacy=client: Flower's wrapper adds noise; its epsilon matches dp_accounting's RDP."""
+    import dp_accounting
+
+    proc = _run_cli(tmp_path, "privacy=client", "privacy.client_noise_multiplier=2.0")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _rows(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["privacy"]["client_level"]["unit"].startswith("one whole client")
+    for r in rows[1:]:
+        acc = dp_accounting.rdp.RdpAccountant()
+        acc.compose(dp_accounting.GaussianDpEvent(2.0), r["round"])  # no amplification: every round counts
+        assert r["client_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+        assert r["epsilon_max"] == "inf"  # no DP-SGD inside clients in this mode (JSON has no inf)
