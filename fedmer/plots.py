@@ -30,6 +30,7 @@ def plot_learning_curve(
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0%})")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("held-out persons")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
