@@ -91,13 +91,18 @@ def _model(cfg: ExperimentConfig, data: MultimodalDataset) -> torch.nn.Module:
     return build_model(cfg.model, data.feature_slices, data.num_classes)
 
 
+def _node(context: Context) -> tuple[ExperimentConfig, int, MultimodalDataset]:
+    """Config, partition id and local data of this node (all cached per process)."""
+    torch.set_num_threads(1)  # one Ray CPU per client: no oversubscription, reproducible sums
+    cfg = experiment_of(context)
+    pid = partition_of(context, cfg)
+    return cfg, pid, load_client_dataset(cfg, pid)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """DP-SGD on the local partition; reply with the clipped update and cumulative epsilon."""
-    torch.set_num_threads(1)
-    cfg = experiment_of(context)
-    pid = partition_of(context, cfg)
-    data = load_client_dataset(cfg, pid)
+    cfg, pid, data = _node(context)
     config = msg.content[rk.CONFIG]
     server_round = int(config[rk.SERVER_ROUND])
     seed = seed_everything(cfg.seed, server_round, pid)
@@ -182,10 +187,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the global model on this node's own data."""
-    torch.set_num_threads(1)
-    cfg = experiment_of(context)
-    pid = partition_of(context, cfg)
-    data = load_client_dataset(cfg, pid)
+    cfg, pid, data = _node(context)
     model = _model(cfg, data)
     model.load_state_dict(msg.content[rk.ARRAYS].to_torch_state_dict())
     report = evaluate_model(model, data)
