@@ -129,3 +129,30 @@ def test_client_level_dp_reports_flowers_accounted_epsilon(tmp_path: Path) -> No
         acc.compose(dp_accounting.GaussianDpEvent(2.0), r["round"])  # no amplification: every round counts
         assert r["client_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
         assert r["epsilon_max"] == "inf"  # no DP-SGD inside clients in this mode (JSON has no inf)
+
+
+def test_a_node_over_its_cap_refuses_and_the_run_goes_on(tmp_path: Path) -> None:
+    """Cap just above one round's spend: a node sampled twice refuses; the others still train."""
+    proc = _run_cli(
+        tmp_path,
+        "federation.num_clients=4",
+        "federation.fraction_train=0.5",
+        "federation.fraction_evaluate=0",
+        "federation.batch_size=128",
+        "federation.local_epochs=2",
+        "privacy.budget_cap=5.4",
+        "seed=3",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = _rows(tmp_path)[-1]
+    assert last["clients_refused"] == 1 and last["clients_replied"] == 1 and last["clients_failed"] == 0
+    assert "privacy budget exceeded" in last["refusals"][0] and "cap of 5.4" in last["refusals"][0]
+    refused = last["refusals"][0].split("node 'client-")[1].split("'")[0]
+    ledger = tmp_path / "ledgers" / f"client-{refused}.json"
+    shown = subprocess.run(
+        [sys.executable, "-m", "fedmer.cli", "privacy", "show", str(ledger)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0 and "5.325" in shown.stdout  # one round spent, the refused one not
