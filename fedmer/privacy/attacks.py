@@ -116,6 +116,7 @@ def train_like_run(
 
     Trained for about ``steps`` optimizer steps (whole epochs over ``data``), so a bigger
     shadow dataset costs no more time and each example is seen as often as the mix implies.
+    ``noise`` is the DP-SGD noise multiplier, used only when ``cfg.privacy.mode`` is "sample".
     """
     seed_everything(cfg.seed, seed)
     model = build_model(cfg.model, data.feature_slices, data.num_classes)
@@ -135,6 +136,8 @@ def train_like_run(
         )
         trained, optimizer, loader = setup.module, setup.optimizer, setup.loader
     train_epochs(trained, loader, optimizer, epochs)
+    if trained is not model:
+        trained.remove_hooks()  # hand back a plain module, as the target was saved
     return model
 
 
