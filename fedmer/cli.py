@@ -3,6 +3,7 @@
 fedmer run [hydra overrides...]       one simulation (same as python -m simulations.run)
 fedmer run -m key=a,b ...             a Hydra multirun sweep
 fedmer privacy show LEDGER [--json]   a node's persistent privacy budget (spent epsilon, cap)
+fedmer audit RUN_DIR [--client N]     membership-inference audit of a finished run's global model
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = ["main"]
 _COMMANDS = {
     "run": "run a federated simulation (Hydra overrides follow)",
     "privacy": "inspect a node's privacy ledger: fedmer privacy show LEDGER [--json]",
+    "audit": "membership-inference audit of a finished run: fedmer audit RUN_DIR [--client N] [--shadows K]",
 }
 
 
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "privacy":
         return _privacy(rest)
+    if command == "audit":
+        from fedmer.audit_cli import main as audit_main
+
+        return audit_main(rest)
     from simulations.run import main as hydra_main
 
     sys.argv = ["fedmer run", *rest]

@@ -52,9 +52,22 @@ from fedmer.privacy.attacks import (
     run_steps,
     train_shadows,
 )
-from fedmer.privacy.roc import AttackResult, roc_curve
+from fedmer.privacy.roc import AttackResult, roc_curve, roc_metrics
 
-__all__ = ["AUDIT_JSON", "AUDIT_PNG", "AuditError", "audit_run", "format_table", "plot_roc"]
+#: The audit entry point plus the lower-level pieces, re-exported so one import serves.
+__all__ = [
+    "AUDIT_JSON",
+    "AUDIT_PNG",
+    "AttackResult",
+    "AuditError",
+    "audit_run",
+    "format_table",
+    "lira_attack",
+    "loss_threshold_attack",
+    "plot_roc",
+    "roc_metrics",
+    "train_shadows",
+]
 
 log = logging.getLogger(__name__)
 
