@@ -4,6 +4,7 @@ fedmer run [hydra overrides...]       one simulation (same as python -m simulati
 fedmer run -m key=a,b ...             a Hydra multirun sweep
 fedmer privacy show LEDGER [--json]   a node's persistent privacy budget (spent epsilon, cap)
 fedmer audit RUN_DIR [--client N]     membership-inference audit of a finished run's global model
+fedmer report SWEEP_DIR [--out DIR]   tidy CSVs + Markdown report with plots for a sweep
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ __all__ = ["main"]
 _COMMANDS = {
     "run": "run a federated simulation (Hydra overrides follow)",
     "privacy": "inspect a node's privacy ledger: fedmer privacy show LEDGER [--json]",
+    "report": "tidy CSVs and a Markdown report for a sweep: fedmer report SWEEP_DIR [--out DIR]",
     "audit": "membership-inference audit of a finished run: fedmer audit RUN_DIR [--client N] [--shadows K]",
 }
 
@@ -41,6 +43,23 @@ def _privacy(argv: list[str]) -> int:
     return 0
 
 
+def _report(argv: list[str]) -> int:
+    """``fedmer report``: a folder without finished runs is one line on stderr and exit code 2."""
+    parser = argparse.ArgumentParser(prog="fedmer report", description="Report on a sweep of runs")
+    parser.add_argument("sweep_dir", help="a Hydra multirun folder (or any folder of run folders)")
+    parser.add_argument("--out", default=None, help="where to write the report (default: the sweep folder)")
+    args = parser.parse_args(argv)
+
+    from fedmer.report import write_report
+
+    try:
+        print(write_report(args.sweep_dir, args.out))
+    except FileNotFoundError as err:
+        print(f"fedmer report: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch a subcommand; unknown ones get the list of valid ones."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -62,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "privacy":
         return _privacy(rest)
+    if command == "report":
+        return _report(rest)
     if command == "audit":
         from fedmer.audit_cli import main as audit_main
 

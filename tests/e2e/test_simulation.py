@@ -175,3 +175,15 @@ def test_hydra_multirun_sweep_writes_one_run_per_job(tmp_path: Path) -> None:
     ]
     assert seeds == [0, 1]
     assert all((tmp_path / str(job) / "summary.json").exists() for job in (0, 1))
+    report = subprocess.run(
+        [sys.executable, "-m", "fedmer.cli", "report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr
+    with open(tmp_path / "runs.csv") as fh:
+        runs = list(csv.DictReader(fh))
+    assert sorted(r["seed"] for r in runs) == ["0", "1"] and all(r["delta"] == "1e-05" for r in runs)
+    text = (tmp_path / "report.md").read_text()
+    assert "| fedavg | sample | 8 | 2 |" in text and (tmp_path / "uar_vs_epsilon.png").stat().st_size > 0

@@ -1,0 +1,50 @@
+"""The sweep report: every finished run becomes a row; groups average over seeds."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmer.config import ExperimentConfig, PrivacyConfig
+from fedmer.report import write_report
+from fedmer.results import CSV_COLUMNS, RunRecorder
+
+
+def _run(folder: Path, seed: int, uars: list[float], mode: str = "sample", target: float = 4.0) -> None:
+    cfg = ExperimentConfig(seed=seed, privacy=PrivacyConfig(mode=mode, target_epsilon=target))
+    rec = RunRecorder(folder, cfg)
+    for rnd, uar in enumerate(uars):
+        row = dict.fromkeys(CSV_COLUMNS, 0)
+        row.update(
+            round=rnd,
+            uar=uar,
+            accuracy=uar,
+            macro_f1=uar,
+            epsilon_max=math.inf if mode == "off" else rnd,
+            delta=None if mode == "off" else 1e-5,
+            accountant="none" if mode == "off" else "rdp",
+        )
+        rec.record(row, {})
+    rec.finish({"w": torch.zeros(1)}, {})
+
+
+def test_report_groups_seeds_and_keeps_epsilon_with_delta(tmp_path: Path) -> None:
+    _run(tmp_path / "0", 0, [0.2, 0.5])
+    _run(tmp_path / "1", 1, [0.2, 0.7])
+    _run(tmp_path / "2", 0, [0.2, 0.9], mode="off")
+    (tmp_path / "3").mkdir()  # a job that died before its first round: no files
+    report = write_report(tmp_path).read_text()
+    assert "| fedavg | sample | 4 | 2 | 0.600 ± 0.141 | 1 (δ=1e-05, rdp) |" in report
+    assert "| fedavg | off | inf | 1 | 0.900 ± 0.000 | ∞ |" in report
+    with open(tmp_path / "runs.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+    assert (tmp_path / "uar_vs_epsilon.png").stat().st_size > 0
+
+
+def test_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        write_report(tmp_path)
