@@ -135,8 +135,9 @@ class AccountedStrategy(fs.Strategy):
         report = self.rounds.setdefault(server_round, RoundReport(server_round))
         for msg in replies:
             if msg.has_error():
-                reason = f"node {msg.metadata.src_node_id}: {short_reason(msg.error.reason)}"
-                (report.refusals if BUDGET_MARKER in msg.error.reason else report.failures).append(reason)
+                text = msg.error.reason or f"error code {msg.error.code} without a reason"
+                reason = f"node {msg.metadata.src_node_id}: {short_reason(text)}"
+                (report.refusals if BUDGET_MARKER in text else report.failures).append(reason)
             else:
                 report.clients.append(dict(msg.content[rk.METRICS]))
         if report.refusals:
