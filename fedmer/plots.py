@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_learning_curve"]
+__all__ = ["plot_learning_curve", "save_figure"]
 
 
 def plot_learning_curve(
@@ -59,6 +59,11 @@ def plot_learning_curve(
         ax2.set_ylim(bottom=0)
     ax.legend(handles, labels, loc="lower right", fontsize=8)
     ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Lay out, write and close ``fig`` (closing matters in long sweeps: pyplot keeps figures)."""
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

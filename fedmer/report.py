@@ -23,6 +23,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fedmer.plots import save_figure
+from fedmer.results import ROUNDS_JSONL, read_rounds
+
 __all__ = ["collect_runs", "write_report"]
 
 log = logging.getLogger(__name__)
@@ -42,13 +45,12 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
     runs, rounds = [], []
     for config_path in sorted(Path(root).rglob("config.json")):
         run_dir = config_path.parent
-        rounds_path = run_dir / "rounds.jsonl"
-        if not rounds_path.exists():
+        if not (run_dir / ROUNDS_JSONL).exists():
             log.warning("skipping %s: no rounds.jsonl (the run did not start)", run_dir)
             continue
         cfg = json.loads(config_path.read_text())
         rc, privacy = cfg["run_config"], cfg.get("privacy", {})
-        rows = [json.loads(line) for line in rounds_path.read_text().splitlines() if line.strip()]
+        rows = read_rounds(run_dir)
         if len(rows) - 1 < int(rc["federation.num_rounds"]):
             log.warning(
                 "%s stopped after round %d of %s; reported as is",
@@ -140,9 +142,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
     ax.set_ylabel("held-out UAR (mean ± sd over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "uar_vs_epsilon.png")
-    plt.close(fig)
+    save_figure(fig, out / "uar_vs_epsilon.png")
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     by_run: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rounds:
@@ -160,9 +160,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
     ax.grid(alpha=0.3)
     if len(by_run) <= 8:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png")
-    plt.close(fig)
+    save_figure(fig, out / "learning_curves.png")
     report = out / "report.md"
     report.write_text(
         f"# Sweep report: {Path(root).resolve()}\n\n{len(runs)} finished runs. Epsilon is per sample "

@@ -19,7 +19,7 @@ import torch
 
 from fedmer.config import ExperimentConfig
 
-__all__ = ["CSV_COLUMNS", "RunRecorder", "privacy_statement", "read_rounds"]
+__all__ = ["CSV_COLUMNS", "ROUNDS_JSONL", "RunRecorder", "privacy_statement", "read_rounds"]
 
 log = logging.getLogger(__name__)
 

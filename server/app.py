@@ -131,10 +131,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         report = evaluate_model(model, split.test)
-        # Flower's client-level accountant (fixed clipping only); 0 before the first release
+        # Flower's client-level accountant (fixed clipping only; None when not accounted)
         client_eps = client_level_epsilon(strategy.inner) if cfg.privacy.client_level else None
-        if client_eps is None and cfg.privacy.client_level and cfg.privacy.client_clipping == "fixed":
-            client_eps = 0.0
         row, detail = _round_row(
             server_round, report, strategy.rounds.get(server_round), cfg, time.monotonic() - t0, client_eps
         )

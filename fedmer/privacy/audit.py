@@ -44,6 +44,7 @@ from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.registry import load_client_dataset, load_split
 from fedmer.models import build_model
+from fedmer.plots import save_figure
 from fedmer.privacy.attacks import (
     concat,
     lira_attack,
@@ -53,6 +54,7 @@ from fedmer.privacy.attacks import (
     train_shadows,
 )
 from fedmer.privacy.roc import AttackResult, roc_curve, roc_metrics
+from fedmer.results import ROUNDS_JSONL, read_rounds
 
 #: The audit entry point plus the lower-level pieces, re-exported so one import serves.
 __all__ = [
@@ -111,10 +113,9 @@ def _privacy(run_dir: Path, config: dict[str, Any], client: int) -> dict[str, An
         )
     else:
         out["note"] = "no summary.json: the spent epsilon is unknown"
-    rounds = run_dir / "rounds.jsonl"
-    if rounds.is_file():
-        for line in rounds.read_text().splitlines():
-            eps = json.loads(line).get("client_epsilons", {}).get(str(client)) if line.strip() else None
+    if (run_dir / ROUNDS_JSONL).is_file():
+        for row in read_rounds(run_dir):
+            eps = row.get("client_epsilons", {}).get(str(client))
             if eps is not None:
                 out["target_client_epsilon"] = eps  # cumulative: the last one wins
     return out
@@ -241,11 +242,7 @@ def plot_roc(results: list[AttackResult], path: Path, *, title: str) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _pct(value: float | None) -> str:
