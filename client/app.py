@@ -88,7 +88,7 @@ def _noise_multiplier(cfg: ExperimentConfig, num_examples: int) -> float:
 
 
 def _model(cfg: ExperimentConfig, data: MultimodalDataset) -> torch.nn.Module:
-    return build_model(cfg.model, data.feature_slices, data.num_classes)
+    return build_model(cfg.model, data.feature_slices, data.num_classes, data.modalities)
 
 
 def _node(context: Context) -> tuple[ExperimentConfig, int, MultimodalDataset]:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = [
+    "ALL_MODALITIES",
+    "DATASET_MODALITIES",
     "MODALITIES",
     "SCENARIOS",
     "ConfigError",
@@ -27,12 +29,25 @@ __all__ = [
 ]
 
 #: Every modality FedMER knows, in the fixed order used by masks and packed tensors.
+#: The sensor layout of the synthetic scenarios (and of Stress-Predict, which records physio only).
 MODALITIES: tuple[str, ...] = ("speech", "face", "physio", "can")
+#: Every modality any dataset may carry, in canonical order.
+ALL_MODALITIES: tuple[str, ...] = (*MODALITIES, "text")
 SCENARIOS: tuple[str, ...] = ("driving", "clinic")
-DATASETS: tuple[str, ...] = ("synthetic", "stress_predict")
+DATASETS: tuple[str, ...] = ("synthetic", "stress_predict", "ravdess", "meld")
+#: The modalities each dataset provides ("all" selects every one of them).
+DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
+    "synthetic": MODALITIES,
+    "stress_predict": MODALITIES,
+    "ravdess": ("speech", "face"),
+    "meld": ("text",),
+}
+AUDIO_FRONTENDS: tuple[str, ...] = ("logmel", "mfcc")
+TEXT_ENCODERS: tuple[str, ...] = ("tokens", "minilm")
 PARTITION_SCHEMES: tuple[str, ...] = ("site", "dirichlet")
-FUSIONS: tuple[str, ...] = ("concat", "attention", "late")
-ENCODERS: tuple[str, ...] = ("tcn", "gru")
+FUSIONS: tuple[str, ...] = ("concat", "attention", "late", "coattention", "transformer", "gated")
+ENCODERS: tuple[str, ...] = ("tcn", "gru", "crnn")
+AUX_LOSSES: tuple[str, ...] = ("none", "cca", "contrastive")
 PRIVACY_MODES: tuple[str, ...] = ("sample", "client", "both", "off")
 CLIENT_CLIPPINGS: tuple[str, ...] = ("fixed", "adaptive")
 CLIPPING_SIDES: tuple[str, ...] = ("server", "client")
@@ -94,9 +109,13 @@ class DataConfig:
     seq_len: int = 20
     modalities: str = "all"
     root: str = "../shared/data"  # real datasets: folder holding ravdess/, stress-predict/, meld/
+    audio_frontend: str = "logmel"  # RAVDESS speech features: log-mel or MFCC frames
+    text_encoder: str = "tokens"  # MELD: trainable token embeddings, or pretrained MiniLM sentence vectors
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
+        _choice("data.audio_frontend", self.audio_frontend, AUDIO_FRONTENDS)
+        _choice("data.text_encoder", self.text_encoder, TEXT_ENCODERS)
         _choice("data.scenario", self.scenario, SCENARIOS)
         _positive("data.persons_per_site", self.persons_per_site, integer=True)
         _positive("data.test_persons_per_site", self.test_persons_per_site, integer=True)
@@ -108,18 +127,20 @@ class DataConfig:
 
     @property
     def modality_list(self) -> tuple[str, ...]:
-        """The modalities this run uses, in canonical order."""
+        """The modalities this run uses, in the dataset's canonical order."""
+        offered = DATASET_MODALITIES[self.name]
         if self.modalities == "all":
-            return MODALITIES
+            return offered
         chosen = [m.strip() for m in self.modalities.split(",") if m.strip()]
-        unknown = [m for m in chosen if m not in MODALITIES]
+        unknown = [m for m in chosen if m not in offered]
         if not chosen or unknown:
             _fail(
                 "data.modalities",
                 self.modalities,
-                f"expected 'all' or a comma-separated subset of {', '.join(MODALITIES)}",
+                f"expected 'all' or a comma-separated subset of {', '.join(offered)} (what data.name="
+                f"{self.name} records)",
             )
-        return tuple(m for m in MODALITIES if m in chosen)
+        return tuple(m for m in offered if m in chosen)
 
 
 @dataclass(frozen=True)
@@ -146,11 +167,22 @@ class ModelConfig:
     encoder: str = "tcn"
     fusion: str = "attention"
     hidden: int = 32
+    aux_loss: str = "none"  # cross-modal auxiliary objective: CCA-style alignment or contrastive
+    aux_weight: float = 0.1
+    intensity_weight: float = 0.0  # > 0: a second head predicts emotion intensity (datasets that label it)
+    modality_dropout: float = 0.0  # training only: each present modality of a sample dropped w.p. this
 
     def __post_init__(self) -> None:
         _choice("model.encoder", self.encoder, ENCODERS)
         _choice("model.fusion", self.fusion, FUSIONS)
         _positive("model.hidden", self.hidden, integer=True)
+        _choice("model.aux_loss", self.aux_loss, AUX_LOSSES)
+        if not (isinstance(self.aux_weight, (int, float)) and self.aux_weight >= 0):
+            _fail("model.aux_weight", self.aux_weight, "expected a number >= 0")
+        if not (isinstance(self.intensity_weight, (int, float)) and self.intensity_weight >= 0):
+            _fail("model.intensity_weight", self.intensity_weight, "expected a number >= 0")
+        if not (isinstance(self.modality_dropout, (int, float)) and 0.0 <= self.modality_dropout < 1.0):
+            _fail("model.modality_dropout", self.modality_dropout, "expected [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
         out_dir,
     )
 
-    model = build_model(cfg.model, split.test.feature_slices, split.test.num_classes)
+    model = build_model(cfg.model, split.test.feature_slices, split.test.num_classes, split.test.modalities)
     strategy: AccountedStrategy = build_strategy(cfg)
     recorder = RunRecorder(out_dir, cfg)
     t0 = time.monotonic()

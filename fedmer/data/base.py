@@ -30,9 +30,17 @@ class MultimodalDataset:
     modalities: tuple[str, ...]
     feature_slices: tuple[tuple[int, int], ...]  # per modality: (start, stop) columns of x
     class_names: tuple[str, ...]
+    #: Optional second label (e.g. RAVDESS' normal/strong intensity), (N,) int64; -1 = unlabelled.
+    intensity: np.ndarray | None = None
+    intensity_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.y)
+        if self.intensity is not None and (self.intensity.shape != (n,) or not self.intensity_names):
+            raise ValueError(
+                f"intensity must have shape ({n},) and come with intensity_names, got "
+                f"{self.intensity.shape} and {self.intensity_names!r}"
+            )
         if self.x.ndim != 3 or self.x.shape[0] != n:
             raise ValueError(f"x must have shape (N, T, F) with N={n}, got {self.x.shape}")
         if self.mask.shape != (n, len(self.modalities)):
@@ -71,6 +79,8 @@ class MultimodalDataset:
             modalities=self.modalities,
             feature_slices=self.feature_slices,
             class_names=self.class_names,
+            intensity=None if self.intensity is None else self.intensity[index],
+            intensity_names=self.intensity_names,
         )
 
     def with_mask(self, mask: np.ndarray) -> MultimodalDataset:
@@ -88,6 +98,8 @@ class MultimodalDataset:
             modalities=self.modalities,
             feature_slices=self.feature_slices,
             class_names=self.class_names,
+            intensity=self.intensity,
+            intensity_names=self.intensity_names,
         )
 
     def to_tensors(self) -> TensorDataset:

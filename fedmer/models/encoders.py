@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from fedmer.config import ConfigError
 
-__all__ = ["ENCODERS", "AttentivePool", "GRUEncoder", "TCNEncoder", "build_encoder"]
+__all__ = [
+    "ENCODERS",
+    "MODALITY_ENCODERS",
+    "AttentivePool",
+    "GRUEncoder",
+    "TCNEncoder",
+    "build_encoder",
+    "register_modality_encoder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +164,29 @@ ENCODERS: dict[str, EncoderFactory] = {
 }
 
 
-def build_encoder(name: str, in_dim: int, hidden: int) -> nn.Module:
-    """Instantiate a registered encoder; unknown names fail listing the valid ones."""
+#: modality -> factory that replaces ``model.encoder`` for that modality, for inputs whose
+#: columns are not frame features (e.g. MELD's token ids need an embedding, not a conv).
+MODALITY_ENCODERS: dict[str, EncoderFactory] = {}
+
+
+def register_modality_encoder(modality: str) -> Callable[[EncoderFactory], EncoderFactory]:
+    """Decorator: always encode ``modality`` with this factory, whatever ``model.encoder`` says."""
+
+    def wrap(factory: EncoderFactory) -> EncoderFactory:
+        MODALITY_ENCODERS[modality] = factory
+        return factory
+
+    return wrap
+
+
+def build_encoder(name: str, in_dim: int, hidden: int, modality: str | None = None) -> nn.Module:
+    """Instantiate a registered encoder; unknown names fail listing the valid ones.
+
+    A factory registered for ``modality`` (see :func:`register_modality_encoder`) wins.
+    """
+    if modality is not None and modality in MODALITY_ENCODERS:
+        logger.debug("encoder for modality %s: in_dim=%d hidden=%d", modality, in_dim, hidden)
+        return MODALITY_ENCODERS[modality](in_dim, hidden)
     if name not in ENCODERS:
         raise ConfigError(f"invalid model.encoder={name!r}: expected one of {', '.join(sorted(ENCODERS))}")
     if in_dim <= 0:

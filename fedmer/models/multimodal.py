@@ -84,17 +84,26 @@ def build_model(
     cfg: ModelConfig,
     feature_slices: Sequence[tuple[int, int]],
     num_classes: int,
+    modalities: Sequence[str] | None = None,
 ) -> MultimodalEmotionNet:
     """The configured network for a dataset's ``feature_slices`` and class count.
 
-    Unknown encoder/fusion names raise :class:`fedmer.config.ConfigError` listing the valid
-    ones. Initialisation draws from torch's global RNG: seed it for identical models.
+    ``modalities`` (the dataset's names, one per slice) lets a modality-specific encoder
+    (``encoders.MODALITY_ENCODERS``, e.g. text tokens) replace ``cfg.encoder``.
+    Unknown encoder/fusion names raise :class:`fedmer.config.ConfigError` listing the valid ones.
+    Initialisation draws from torch's global RNG: seed it for identical models.
     """
     if not feature_slices:
         raise ConfigError("invalid feature_slices=(): the model needs at least one modality")
     if num_classes < 2:
         raise ConfigError(f"invalid num_classes={num_classes}: expected at least 2")
-    encoders = [build_encoder(cfg.encoder, b - a, cfg.hidden) for a, b in feature_slices]
+    if modalities is not None and len(modalities) != len(feature_slices):
+        raise ValueError(f"{len(modalities)} modality names for {len(feature_slices)} feature slices")
+    names = list(modalities) if modalities is not None else [None] * len(feature_slices)
+    encoders = [
+        build_encoder(cfg.encoder, b - a, cfg.hidden, modality=m)
+        for (a, b), m in zip(feature_slices, names, strict=True)
+    ]
     fusion = build_fusion(cfg.fusion, len(feature_slices), cfg.hidden, num_classes)
     model = MultimodalEmotionNet(encoders, fusion, feature_slices)
     logger.info(

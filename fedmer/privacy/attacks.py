@@ -119,7 +119,7 @@ def train_like_run(
     ``noise`` is the DP-SGD noise multiplier, used only when ``cfg.privacy.mode`` is "sample".
     """
     seed_everything(cfg.seed, seed)
-    model = build_model(cfg.model, data.feature_slices, data.num_classes)
+    model = build_model(cfg.model, data.feature_slices, data.num_classes, data.modalities)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.federation.lr, momentum=0.9)
     loader = make_loader(data, cfg.federation.batch_size, seed)
     epochs = max(1, round(steps / len(loader)))

@@ -163,7 +163,7 @@ def _audit(run_dir: Path, client: int, shadows: int, seed: int, background: bool
     rng = np.random.default_rng([seed, client])
     members, nonmembers = _balanced(client_data, n, rng), _balanced(split.test, n, rng)
 
-    model = build_model(cfg.model, split.test.feature_slices, split.test.num_classes)
+    model = build_model(cfg.model, split.test.feature_slices, split.test.num_classes, split.test.modalities)
     try:
         model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
     except (RuntimeError, OSError, EOFError) as err:

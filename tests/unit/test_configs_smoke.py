@@ -75,7 +75,7 @@ def _one_round(overrides: list[str]) -> None:
 
     exp = experiment_from_hydra(compose([*SMALL, *overrides]))
     split = load_split(exp)
-    model = build_model(exp.model, split.test.feature_slices, split.test.num_classes)
+    model = build_model(exp.model, split.test.feature_slices, split.test.num_classes, split.test.modalities)
     arrays = ArrayRecord(model.state_dict())
     flat = exp.to_run_config()
     n = exp.federation.num_clients
