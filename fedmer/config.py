@@ -111,11 +111,14 @@ class DataConfig:
     root: str = "../shared/data"  # real datasets: folder holding ravdess/, stress-predict/, meld/
     audio_frontend: str = "logmel"  # RAVDESS speech features: log-mel or MFCC frames
     text_encoder: str = "tokens"  # MELD: trainable token embeddings, or pretrained MiniLM sentence vectors
+    complete_only: bool = False  # keep only samples that recorded every selected modality (RAVDESS AV: 360)
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
         _choice("data.audio_frontend", self.audio_frontend, AUDIO_FRONTENDS)
         _choice("data.text_encoder", self.text_encoder, TEXT_ENCODERS)
+        if not isinstance(self.complete_only, bool):
+            _fail("data.complete_only", self.complete_only, "expected true or false")
         _choice("data.scenario", self.scenario, SCENARIOS)
         _positive("data.persons_per_site", self.persons_per_site, integer=True)
         _positive("data.test_persons_per_site", self.test_persons_per_site, integer=True)
@@ -441,6 +444,12 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
             return int(value)
         if type_name == "float":
             return float(value)
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "false"):
+                return str(value).lower() == "true"
+            raise ValueError
         if type_name == "str":
             return str(value)
     except (TypeError, ValueError):
