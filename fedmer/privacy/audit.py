@@ -40,10 +40,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fedmer.config import ConfigError, ExperimentConfig
+from fedmer.config import ConfigError
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.registry import load_client_dataset, load_split
-from fedmer.models import build_model
 from fedmer.plots import save_figure
 from fedmer.privacy.attacks import (
     concat,
@@ -55,6 +54,7 @@ from fedmer.privacy.attacks import (
 )
 from fedmer.privacy.roc import AttackResult, roc_curve, roc_metrics
 from fedmer.results import ROUNDS_JSONL, read_rounds
+from fedmer.run_artifacts import RunArtifacts, RunError, load_run, load_run_model
 
 #: The audit entry point plus the lower-level pieces, re-exported so one import serves.
 __all__ = [
@@ -77,26 +77,16 @@ AUDIT_JSON = "audit.json"
 AUDIT_PNG = "audit_roc.png"
 
 
-class AuditError(ValueError):
+class AuditError(RunError):
     """The run folder cannot be audited; the message says what is missing or wrong."""
 
 
-def _load_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Any]]:
-    if not run_dir.is_dir():
-        raise AuditError(f"no run folder at {run_dir}")
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise AuditError(f"{run_dir} has no config.json: is it a FedMER run folder?")
-    if not (run_dir / "model.pt").is_file():
-        raise AuditError(f"{run_dir} has no model.pt: the run did not finish (no final global model)")
+def _load_run(run_dir: Path) -> tuple[RunArtifacts, dict[str, Any]]:
     try:
-        config = json.loads(config_path.read_text())
-        cfg = ExperimentConfig.from_run_config(config["run_config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise AuditError(f"{config_path} is not a FedMER run config ({err!r})") from None
-    except ConfigError as err:
-        raise AuditError(f"{config_path}: {err}") from None
-    return cfg, config
+        run = load_run(run_dir)
+    except RunError as err:
+        raise AuditError(str(err)) from None
+    return run, run.config
 
 
 def _privacy(run_dir: Path, config: dict[str, Any], client: int) -> dict[str, Any]:
@@ -149,7 +139,8 @@ def audit_run(
 
 def _audit(run_dir: Path, client: int, shadows: int, seed: int, background: bool) -> dict[str, Any]:
     t0 = time.monotonic()
-    cfg, config = _load_run(run_dir)
+    run, config = _load_run(run_dir)
+    cfg = run.cfg
     n_clients = cfg.federation.num_clients
     if isinstance(client, bool) or not isinstance(client, int) or not 0 <= client < n_clients:
         raise AuditError(f"invalid client={client!r}: this run has clients 0..{n_clients - 1}")
@@ -163,11 +154,10 @@ def _audit(run_dir: Path, client: int, shadows: int, seed: int, background: bool
     rng = np.random.default_rng([seed, client])
     members, nonmembers = _balanced(client_data, n, rng), _balanced(split.test, n, rng)
 
-    model = build_model(cfg.model, split.test.feature_slices, split.test.num_classes, split.test.modalities)
     try:
-        model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
-    except (RuntimeError, OSError, EOFError) as err:
-        raise AuditError(f"{run_dir / 'model.pt'} does not fit the run's model config: {err}") from None
+        model = load_run_model(run)
+    except RunError as err:
+        raise AuditError(str(err)) from None
     results: list[AttackResult] = [loss_threshold_attack(model, members, nonmembers, seed=seed)]
     steps = run_steps(cfg, len(client_data))
     noise = run_noise_multiplier(cfg, len(client_data))
