@@ -83,6 +83,8 @@ def _noise_multiplier(cfg: ExperimentConfig, num_examples: int) -> float:
     p, f = cfg.privacy, cfg.federation
     if p.noise_multiplier is not None:
         return p.noise_multiplier
+    if math.isinf(p.target_epsilon):
+        return 0.0  # the frontier's right end: DP-SGD's clipping, no noise (epsilon = inf)
     rate, steps = planned_steps(num_examples, f.batch_size, f.local_epochs, f.num_rounds)
     return _noise(p.target_epsilon, p.delta, rate, steps, p.accountant)
 

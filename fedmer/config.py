@@ -53,6 +53,11 @@ CLIENT_CLIPPINGS: tuple[str, ...] = ("fixed", "adaptive")
 CLIPPING_SIDES: tuple[str, ...] = ("server", "client")
 #: Strategies whose aggregation is FedAvg's, which Flower's client-level accountant requires.
 FEDAVG_AGGREGATION: tuple[str, ...] = ("fedavg", "fedprox")
+#: FedAvg followed by a server optimizer step: under client-level DP the noise goes on the
+#: average and the optimizer post-processes it (fedmer.privacy.server_optimizer).
+SERVER_OPTIMIZER_STRATEGIES: tuple[str, ...] = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
+#: Strategies client-level DP can wrap with an exact (accounted) client-level epsilon.
+CLIENT_DP_STRATEGIES: tuple[str, ...] = FEDAVG_AGGREGATION + SERVER_OPTIMIZER_STRATEGIES
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 STRATEGIES: tuple[str, ...] = (
     "fedavg",
@@ -190,11 +195,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Sample-level DP-SGD in every client, plus the client-side update clip C.
+    """Which unit DP protects (one sample, one whole client, or both) and how strongly.
 
-    ``noise_multiplier=None`` means: derive it from ``target_epsilon`` for the whole
-    planned run (every round, as if the client were sampled each time), so the
-    cumulative epsilon never exceeds the target.
+    ``noise_multiplier=None`` ("auto") means: derive the DP-SGD noise from ``target_epsilon``
+    for the whole planned run (every round, as if the client were sampled each time), so the
+    cumulative epsilon never exceeds the target. ``client_noise_multiplier=None`` does the same
+    for the client-level noise, over ``num_rounds`` releases without sampling amplification.
+    ``target_epsilon=inf`` with auto noise means noise 0: the same pipeline, clipping only,
+    reported as epsilon = inf (the right end of a privacy/accuracy frontier).
     """
 
     mode: str = "sample"
@@ -205,7 +213,7 @@ class PrivacyConfig:
     update_clip_norm: float = 5.0
     accountant: str = "rdp"
     budget_cap: float = math.inf  # a node refuses a round that would take its ledger past this epsilon
-    client_noise_multiplier: float = 1.0  # client-level DP (Flower's wrappers): noise on the aggregate
+    client_noise_multiplier: float | None = 1.0  # client-level DP noise on the aggregate; None = "auto"
     client_clipping: str = "fixed"
     client_clipping_side: str = "server"
 
@@ -230,18 +238,20 @@ class PrivacyConfig:
             isinstance(self.noise_multiplier, (int, float)) and self.noise_multiplier >= 0
         ):
             _fail("privacy.noise_multiplier", self.noise_multiplier, f"expected '{AUTO}' or >= 0")
-        if self.sample_level and self.noise_multiplier is None and math.isinf(self.target_epsilon):
-            _fail(
-                "privacy.target_epsilon",
-                self.target_epsilon,
-                "an infinite target gives no noise: use privacy.mode=off for a non-private run",
-            )
         _positive("privacy.max_grad_norm", self.max_grad_norm)
         _positive("privacy.update_clip_norm", self.update_clip_norm)
         _positive("privacy.budget_cap", self.budget_cap)
         _choice("privacy.client_clipping", self.client_clipping, CLIENT_CLIPPINGS)
         _choice("privacy.client_clipping_side", self.client_clipping_side, CLIPPING_SIDES)
-        if self.client_level:
+        if self.client_level and self.client_noise_multiplier is None:
+            if self.client_clipping == "adaptive":
+                _fail(
+                    "privacy.client_noise_multiplier",
+                    AUTO,
+                    "deriving the noise from privacy.target_epsilon needs an accountant, which Flower "
+                    "has only for privacy.client_clipping=fixed; give a number for adaptive clipping",
+                )
+        elif self.client_level:
             _positive("privacy.client_noise_multiplier", self.client_noise_multiplier)
 
 
@@ -341,13 +351,14 @@ class ExperimentConfig:
                 f"{fed.num_clients}; lower it or add clients",
             )
         p = self.privacy
-        if p.client_level and p.client_clipping == "fixed" and self.strategy.name not in FEDAVG_AGGREGATION:
+        if p.client_level and self.strategy.name not in CLIENT_DP_STRATEGIES:
             _fail(
                 "strategy.name",
                 self.strategy.name,
-                f"client-level DP with fixed clipping is accounted by Flower's accountant, which needs "
-                f"FedAvg's aggregation ({', '.join(FEDAVG_AGGREGATION)}); choose one of those, or "
-                "privacy.client_clipping=adaptive (Flower has no accountant for it: no client-level epsilon)",
+                f"client-level DP adds noise calibrated to a mean of clipped updates, so it needs "
+                f"FedAvg's aggregation, optionally followed by a server optimizer "
+                f"({', '.join(CLIENT_DP_STRATEGIES)}); robust aggregators (median, trimmed mean, krum, "
+                "bulyan) are not means, so the noise would not bound their sensitivity",
             )
         needed = _strategy_min_clients(self.strategy)
         if fed.clients_per_round < needed:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fedmer.config import ExperimentConfig
+from fedmer.privacy.client_level import client_noise_multiplier
 
 __all__ = ["CSV_COLUMNS", "ROUNDS_JSONL", "RunRecorder", "privacy_statement", "read_rounds"]
 
@@ -62,7 +63,8 @@ def privacy_statement(cfg: ExperimentConfig) -> dict[str, Any]:
             "unit": "one whole client (a vehicle or hospital with all its data, add/remove)",
             "accountant": "Flower RDP (dp-accounting), no sampling amplification" if accounted else "none",
             "delta": p.delta if accounted else None,
-            "noise_multiplier": p.client_noise_multiplier,
+            "noise_multiplier": client_noise_multiplier(cfg),
+            "target_epsilon": p.target_epsilon if p.client_noise_multiplier is None else None,
             "clipping": f"{p.client_clipping}, {p.client_clipping_side}-side, norm {p.update_clip_norm}",
             "note": "client_epsilon in rounds.csv" if accounted else "adaptive clipping is not accounted",
         }

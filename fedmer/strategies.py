@@ -19,16 +19,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fs
 
 from fedmer import records as rk
-from fedmer.config import STRATEGIES, ConfigError, ExperimentConfig
+from fedmer.config import SERVER_OPTIMIZER_STRATEGIES, STRATEGIES, ConfigError, ExperimentConfig
 from fedmer.grid import short_reason
 from fedmer.privacy.client_level import wrap_client_level_dp
 from fedmer.privacy.ledger import BUDGET_MARKER
+from fedmer.privacy.server_optimizer import noised_server_optimizer
 
 __all__ = ["STRATEGY_REGISTRY", "AccountedStrategy", "RoundReport", "build_strategy", "register_strategy"]
 
 log = logging.getLogger(__name__)
 
-Factory = Callable[[ExperimentConfig, dict], fs.Strategy]
+#: ``(cfg, common kwargs, cls=None) -> strategy``; server optimizers honour ``cls`` (a subclass
+#: of their Flower class) so client-level DP can slot a noised average under their step.
+Factory = Callable[..., fs.Strategy]
 STRATEGY_REGISTRY: dict[str, Factory] = {}
 
 
@@ -52,10 +55,10 @@ def _fedprox(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
     return fs.FedProx(**common, proximal_mu=cfg.strategy.proximal_mu)
 
 
-def _fedopt(cls: type) -> Factory:
-    def factory(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+def _fedopt(base: type) -> Factory:
+    def factory(cfg: ExperimentConfig, common: dict, cls: type | None = None) -> fs.Strategy:
         s = cfg.strategy
-        return cls(**common, eta=s.server_lr, eta_l=cfg.federation.lr, tau=s.tau)
+        return (cls or base)(**common, eta=s.server_lr, eta_l=cfg.federation.lr, tau=s.tau)
 
     return factory
 
@@ -66,9 +69,9 @@ register_strategy("fedadagrad")(_fedopt(fs.FedAdagrad))
 
 
 @register_strategy("fedavgm")
-def _fedavgm(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+def _fedavgm(cfg: ExperimentConfig, common: dict, cls: type | None = None) -> fs.Strategy:
     s = cfg.strategy
-    return fs.FedAvgM(**common, server_learning_rate=s.server_lr, server_momentum=s.server_momentum)
+    return (cls or fs.FedAvgM)(**common, server_learning_rate=s.server_lr, server_momentum=s.server_momentum)
 
 
 @register_strategy("fedmedian")
@@ -230,7 +233,15 @@ def build_strategy(cfg: ExperimentConfig) -> AccountedStrategy:
         "train_metrics_aggr_fn": _metrics_mean,
         "evaluate_metrics_aggr_fn": _metrics_mean,
     }
-    strategy = STRATEGY_REGISTRY[name](cfg, common)
+    factory = STRATEGY_REGISTRY[name]
+    if cfg.privacy.client_level and name in SERVER_OPTIMIZER_STRATEGIES:
+        # Noise the plain average first, then let the server optimizer post-process it.
+        dp = wrap_client_level_dp(fs.FedAvg(**common), cfg)
+        optimizer_cls = type(factory(cfg, common))
+        return AccountedStrategy(
+            noised_server_optimizer(optimizer_cls, dp, lambda cls: factory(cfg, common, cls))
+        )
+    strategy = factory(cfg, common)
     if cfg.privacy.client_level:
         strategy = wrap_client_level_dp(strategy, cfg)
     return AccountedStrategy(strategy)

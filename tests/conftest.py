@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flwr.serverapp import Grid
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -31,3 +32,32 @@ def compose(overrides: list[str] | None = None, output_dir: str = "outputs/flwr/
     overrides = [*(overrides or []), f"output.dir='{output_dir}'"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS), job_name="test"):
         return hydra_compose(config_name="config", overrides=overrides)
+
+
+class NodeListGrid(Grid):
+    """Only what a strategy's configure_train touches: the list of connected nodes."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError

@@ -13,21 +13,23 @@ replies are expected (a failed client stops the accounted round, loudly).
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from collections.abc import Callable
 
 from flwr.app import Context, Message
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.serverapp import strategy as fs
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
 from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedmer import records as rk
 from fedmer.config import ConfigError, ExperimentConfig
 
-__all__ = ["client_dp_mod", "client_level_epsilon", "wrap_client_level_dp"]
+__all__ = ["client_dp_mod", "client_level_epsilon", "client_noise_multiplier", "wrap_client_level_dp"]
 
 log = logging.getLogger(__name__)
 
@@ -47,33 +49,97 @@ def wrap_client_level_dp(inner: fs.Strategy, cfg: ExperimentConfig) -> fs.Strate
             "so no client-level epsilon is reported"
         )
         try:
-            return cls(inner, p.client_noise_multiplier, n, initial_clipping_norm=p.update_clip_norm)
+            return cls(inner, client_noise_multiplier(cfg), n, initial_clipping_norm=p.update_clip_norm)
         except ValueError as err:  # Flower checks the noise it can split off for the clipped count
             raise ConfigError(
                 f"invalid privacy.client_noise_multiplier={p.client_noise_multiplier!r} for adaptive "
                 f"clipping with {n} clients per round: {err} (more clients per round or less noise)"
             ) from err
-    accountant = RdpAccountant(
-        FlowerPrivacyConfig(
-            target_delta=p.delta,
-            population_size=cfg.federation.num_clients,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        )
-    )
     cls = (
         fs.DifferentialPrivacyServerSideFixedClipping
         if server_side
         else fs.DifferentialPrivacyClientSideFixedClipping
     )
-    return cls(inner, p.client_noise_multiplier, p.update_clip_norm, n, accountant=accountant)
+    noise = client_noise_multiplier(cfg)
+    if noise == 0.0:  # target epsilon = inf: clipping only; Flower accounts only noisy releases
+        log.warning("client-level DP with noise 0 (target epsilon inf): updates are clipped, not private")
+        return cls(inner, 0.0, p.update_clip_norm, n, accountant=None)
+    return cls(inner, noise, p.update_clip_norm, n, accountant=_accountant(cfg))
+
+
+def _accountant(cfg: ExperimentConfig) -> RdpAccountant:
+    """Flower's RDP accountant, under the conditions its fixed-clipping wrappers require."""
+    return RdpAccountant(
+        FlowerPrivacyConfig(
+            target_delta=cfg.privacy.delta,
+            population_size=cfg.federation.num_clients,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+
+
+def client_noise_multiplier(cfg: ExperimentConfig) -> float:
+    """The configured client-level noise, or the smallest that keeps ``num_rounds`` releases
+    within ``privacy.target_epsilon`` by Flower's own accountant (so the epsilon it reports
+    at the end is at most the target); 0 for an infinite target."""
+    p = cfg.privacy
+    if p.client_noise_multiplier is not None:
+        return float(p.client_noise_multiplier)
+    if math.isinf(p.target_epsilon):
+        return 0.0
+    return _noise_for_client_target(
+        p.target_epsilon,
+        p.delta,
+        cfg.federation.num_rounds,
+        cfg.federation.num_clients,
+        cfg.federation.clients_per_round,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_for_client_target(
+    target: float, delta: float, rounds: int, population: int, sampled: int
+) -> float:
+    def epsilon(sigma: float) -> float:
+        acc = RdpAccountant(
+            FlowerPrivacyConfig(
+                target_delta=delta,
+                population_size=population,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+        acc.compose(GaussianPrivacyEvent(sigma, sampled, population), count=rounds)
+        return acc.get_epsilon(delta)
+
+    lo, hi = 1e-3, 1.0
+    while epsilon(hi) > target:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e6:
+            raise ConfigError(f"invalid privacy.target_epsilon={target!r}: no noise up to 1e6 reaches it")
+    for _ in range(60):  # bisection in log space to ~1e-4 relative
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if epsilon(mid) > target else (lo, mid)
+        if hi / lo < 1.0001:
+            break
+    log.info(
+        "client-level noise %.4f meets epsilon %.3g at delta %.1e over %d rounds", hi, target, delta, rounds
+    )
+    return hi
 
 
 def client_level_epsilon(strategy: fs.Strategy) -> float | None:
     """Cumulative client-level epsilon (at the accountant's delta), or None when not accounted."""
     spent = getattr(strategy, "privacy_spent", None)
     result = spent() if callable(spent) else None
-    return None if result is None else float(result.epsilon)
+    if result is not None:
+        return float(result.epsilon)
+    wrapper = getattr(strategy, "dp", strategy)  # a server optimizer over a noised average
+    fixed = (fs.DifferentialPrivacyServerSideFixedClipping, fs.DifferentialPrivacyClientSideFixedClipping)
+    if isinstance(wrapper, fixed) and wrapper.noise_multiplier == 0.0:
+        return math.inf  # fixed clipping with no noise: clipped, not private
+    return None
 
 
 def client_dp_mod(

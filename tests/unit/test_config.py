@@ -80,10 +80,12 @@ def test_fewer_clients_than_strategy_minimum() -> None:
         ExperimentConfig.from_run_config(flat)
 
 
-def test_infinite_target_without_noise_asks_for_mode_off() -> None:
-    with pytest.raises(ConfigError, match="privacy.mode=off"):
-        PrivacyConfig(target_epsilon=math.inf)
-    assert PrivacyConfig(mode="off", target_epsilon=math.inf).mode == "off"
+def test_infinite_target_means_dp_sgd_clipping_without_noise() -> None:
+    from client.app import _noise_multiplier
+
+    cfg = ExperimentConfig(privacy=PrivacyConfig(target_epsilon=math.inf))
+    assert _noise_multiplier(cfg, 640) == 0.0
+    assert _noise_multiplier(ExperimentConfig(), 640) > 0.5  # the finite default does add noise
 
 
 def test_hydra_override_reaches_the_experiment() -> None:

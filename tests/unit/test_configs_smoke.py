@@ -12,14 +12,13 @@ import math
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 
 from fedmer import records as rk
 from fedmer.data.registry import load_split
 from fedmer.models import build_model
 from fedmer.train import evaluate_model
 from simulations.run import experiment_from_hydra
-from tests.conftest import CONFIGS, SHARED_DATA, compose
+from tests.conftest import CONFIGS, SHARED_DATA, NodeListGrid, compose
 
 SMALL = ["data.persons_per_site=2", "data.sequences_per_person=12", "federation.num_rounds=2"]
 OPTIONS = sorted(
@@ -40,35 +39,6 @@ def _task_identity():
     yield
 
 
-class _NodeListGrid(Grid):
-    """Only what a strategy's configure_train touches: the list of connected nodes."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-
 def _one_round(overrides: list[str]) -> None:
     from client.app import train
     from fedmer.strategies import build_strategy
@@ -80,7 +50,7 @@ def _one_round(overrides: list[str]) -> None:
     flat = exp.to_run_config()
     n = exp.federation.num_clients
     strategy = build_strategy(exp)
-    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), _NodeListGrid(list(range(1, n + 1)))))
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord(), NodeListGrid(list(range(1, n + 1)))))
     assert len(sent) == exp.federation.clients_per_round
     replies = []
     for pid in range(min(n, 3)):
