@@ -21,7 +21,7 @@ from fedmer import records as rk
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.registry import load_client_dataset
-from fedmer.models import build_model
+from fedmer.models import build_model_for
 from fedmer.privacy.budget import open_budget
 from fedmer.privacy.client_level import client_dp_mod
 from fedmer.privacy.clipping import clip_update
@@ -90,7 +90,7 @@ def _noise_multiplier(cfg: ExperimentConfig, num_examples: int) -> float:
 
 
 def _model(cfg: ExperimentConfig, data: MultimodalDataset) -> torch.nn.Module:
-    return build_model(cfg.model, data.feature_slices, data.num_classes, data.modalities)
+    return build_model_for(cfg, data)
 
 
 def _node(context: Context) -> tuple[ExperimentConfig, int, MultimodalDataset]:

@@ -13,18 +13,28 @@ import logging
 import math
 import random
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedmer.data.base import MultimodalDataset
 from fedmer.metrics import classification_report
+from fedmer.models.multimodal import MultimodalEmotionNet
 
-__all__ = ["TrainResult", "evaluate_model", "make_loader", "predict", "seed_everything", "train_epochs"]
+__all__ = [
+    "TrainResult",
+    "batch_losses",
+    "evaluate_model",
+    "intensity_labels",
+    "make_loader",
+    "predict",
+    "seed_everything",
+    "train_epochs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +60,36 @@ def seed_everything(*parts: int) -> int:
     return seed
 
 
+def intensity_labels(data: MultimodalDataset) -> torch.Tensor:
+    """``(N,)`` int64 intensity labels, all -1 (unlabelled) for a dataset without them."""
+    if data.intensity is None:
+        return torch.full((len(data),), -1, dtype=torch.int64)
+    return torch.from_numpy(np.asarray(data.intensity, dtype=np.int64))
+
+
 def make_loader(data: MultimodalDataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
-    """A DataLoader over ``(x, mask, y)`` with its own seeded generator (Opacus reuses it)."""
+    """A DataLoader over ``(x, mask, y, intensity)`` with its own seeded generator (Opacus reuses it).
+
+    ``intensity`` is -1 where a sample (or the whole dataset) has no intensity label.
+    """
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(data.to_tensors(), batch_size=batch_size, shuffle=shuffle, generator=generator)
+    dataset = TensorDataset(*data.to_tensors().tensors, intensity_labels(data))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def batch_losses(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sample training losses ``(B,)`` of a ``(x, mask, y[, intensity])`` batch.
+
+    A FedMER network supplies its own objective (:meth:`MultimodalEmotionNet.sample_losses`:
+    category, intensity and auxiliary terms); any other module is trained on cross-entropy.
+    The inner method is called on the unwrapped module: Opacus' hooks sit on its layers,
+    not on the wrapper, so per-sample gradients are captured all the same.
+    """
+    x, mask, y, *rest = batch
+    net = _unwrapped(model)
+    if isinstance(net, MultimodalEmotionNet):
+        return net.sample_losses(x, mask, y, rest[0] if rest else None)
+    return nn.functional.cross_entropy(model(x, mask), y, reduction="none")
 
 
 def train_epochs(
@@ -66,18 +102,21 @@ def train_epochs(
     global_params: Mapping[str, torch.Tensor] | None = None,
     lr: float = 0.0,
 ) -> TrainResult:
-    """Run ``epochs`` passes; raise FloatingPointError on a non-finite loss rather than send garbage."""
-    criterion = nn.CrossEntropyLoss()
+    """Run ``epochs`` passes; raise FloatingPointError on a non-finite loss rather than send garbage.
+
+    The loss of a batch is the mean of its per-sample losses (:func:`batch_losses`), the
+    reduction Opacus' per-sample clipping assumes (``loss_reduction="mean"``).
+    """
     model.train()
     total, seen, steps = 0.0, 0, 0
     named = dict(_unwrapped(model).named_parameters())
     for _ in range(epochs):
-        for x, mask, y in loader:
+        for batch in loader:
             optimizer.zero_grad(set_to_none=True)
-            logits = model(x, mask)
+            losses = batch_losses(model, batch)
             # An empty Poisson batch still takes a (pure-noise) step: skipping it would
             # reveal that the batch was empty.
-            loss = criterion(logits, y) if len(y) else logits.sum() * 0.0
+            loss = losses.mean() if len(losses) else losses.sum() * 0.0
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss.detach())} at step {steps}")
             loss.backward()
@@ -87,8 +126,8 @@ def train_epochs(
                 with torch.no_grad():
                     for name, p in named.items():
                         p.sub_(lr * proximal_mu * (p - global_params[name]))
-            total += float(loss.detach()) * len(y)
-            seen += len(y)
+            total += float(loss.detach()) * len(losses)
+            seen += len(losses)
     return TrainResult(loss=total / seen if seen else math.nan, steps=steps, examples=seen)
 
 
@@ -98,23 +137,58 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def _forward_all(
+    model: nn.Module, data: MultimodalDataset, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Category logits ``(N, C)`` and, for a network with an intensity head, intensity logits."""
+    model.eval()
+    x_all, m_all, _ = data.to_tensors().tensors
+    net = _unwrapped(model)
+    logits, intensity = [], []
+    for start in range(0, len(data), batch_size):
+        x, mask = x_all[start : start + batch_size], m_all[start : start + batch_size]
+        if isinstance(net, MultimodalEmotionNet):
+            out = net.outputs(x, mask)
+            logits.append(out.logits)
+            if out.intensity_logits is not None:
+                intensity.append(out.intensity_logits)
+        else:
+            logits.append(model(x, mask))
+    c = data.num_classes
+    all_logits = torch.cat(logits) if logits else torch.zeros(0, c)
+    return all_logits, (torch.cat(intensity) if intensity else None)
+
+
 def predict(model: nn.Module, data: MultimodalDataset, batch_size: int = 512) -> tuple[np.ndarray, float]:
     """Predicted classes and mean cross-entropy over ``data``."""
-    model.eval()
-    tensors = data.to_tensors().tensors
-    preds, loss_sum = [], 0.0
-    for start in range(0, len(data), batch_size):
-        x, mask, y = (t[start : start + batch_size] for t in tensors)
-        logits = model(x, mask)
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        preds.append(logits.argmax(dim=1).numpy())
-    y_pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    return y_pred, loss_sum / max(len(data), 1)
+    logits, _ = _forward_all(model, data, batch_size)
+    return logits.argmax(dim=1).numpy(), _mean_cross_entropy(logits, data.y)
 
 
-def evaluate_model(model: nn.Module, data: MultimodalDataset) -> dict:
-    """Loss plus accuracy, macro-F1, UAR, per-class recall and confusion matrix."""
-    y_pred, loss = predict(model, data)
+def _mean_cross_entropy(logits: torch.Tensor, y: np.ndarray) -> float:
+    """Mean cross-entropy of ``logits`` against labels ``y`` (0 for no sample)."""
+    target = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    total = float(nn.functional.cross_entropy(logits, target, reduction="sum")) if len(target) else 0.0
+    return total / max(len(target), 1)
+
+
+def evaluate_model(model: nn.Module, data: MultimodalDataset, batch_size: int = 512) -> dict:
+    """Loss plus accuracy, macro-F1, UAR, per-class recall and confusion matrix.
+
+    For a network with an intensity head on data with intensity labels, also
+    ``intensity_accuracy``, ``intensity_macro_f1``, ``intensity_uar`` and
+    ``intensity_labelled`` (how many samples they are computed over: those labelled).
+    """
+    logits, intensity = _forward_all(model, data, batch_size)
+    y_pred = logits.argmax(dim=1).numpy()
     report = classification_report(data.y, y_pred, data.num_classes)
-    report["loss"] = loss
+    report["loss"] = _mean_cross_entropy(logits, data.y)
+    if intensity is not None and data.intensity is not None:
+        labelled = np.asarray(data.intensity) >= 0
+        if labelled.any():
+            k = len(data.intensity_names)
+            i_pred = intensity.argmax(dim=1).numpy()[labelled]
+            sub = classification_report(np.asarray(data.intensity)[labelled], i_pred, k)
+            report.update({f"intensity_{key}": sub[key] for key in ("accuracy", "macro_f1", "uar")})
+        report["intensity_labelled"] = int(labelled.sum())
     return report

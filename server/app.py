@@ -24,7 +24,7 @@ from fedmer import records as rk
 from fedmer.config import ExperimentConfig
 from fedmer.data.registry import load_client_dataset, load_split
 from fedmer.grid import PartitionOrderedGrid
-from fedmer.models import build_model
+from fedmer.models import build_model_for
 from fedmer.plots import plot_learning_curve
 from fedmer.privacy.client_level import client_level_epsilon
 from fedmer.results import RunRecorder
@@ -115,7 +115,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
         out_dir,
     )
 
-    model = build_model(cfg.model, split.test.feature_slices, split.test.num_classes, split.test.modalities)
+    model = build_model_for(cfg, split.test)
     strategy: AccountedStrategy = build_strategy(cfg)
     recorder = RunRecorder(out_dir, cfg)
     t0 = time.monotonic()
