@@ -19,6 +19,10 @@ uniform. Modalities outside ``DataConfig.modality_list`` are masked the same way
 random draws do not depend on it, so restricting modalities changes nothing else); a
 site with none of the selected sensors then yields samples whose mask is all False.
 Features are standardised with statistics of the present training samples only.
+
+Each sample also carries an intensity label, like RAVDESS' normal/strong: the expressivity
+factor that already scales its latent trajectory (uniform on [0.6, 1.3]) cut at its
+midpoint, so the label costs no extra random draw and changes no feature value.
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ import numpy as np
 from fedmer.config import MODALITIES, ConfigError, DataConfig
 from fedmer.data.base import DatasetSplit, MultimodalDataset
 
-__all__ = ["generate_synthetic", "scenario_class_names"]
+__all__ = ["INTENSITY_NAMES", "generate_synthetic", "scenario_class_names"]
 
 _log = logging.getLogger(__name__)
+
+#: Intensity levels of every synthetic sample (``MultimodalDataset.intensity_names``).
+INTENSITY_NAMES: tuple[str, ...] = ("normal", "strong")
+_STRENGTH_RANGE = (0.6, 1.3)  # expressivity factor of a sample's latent trajectory
 
 # Generative knobs, tuned with bench/synthetic_separability.py (see its docstring).
 _PERSON_CENTER_SD = 0.15  # idiosyncratic shift of each person's class centres (latent units)
@@ -138,12 +146,15 @@ def _latent(
     n_persons: int,
     seq_len: int,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """(N, T, 3) latent state: person-specific class centre x onset ramp + AR(1) drift."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, T, 3) latent state: person-specific class centre x onset ramp + AR(1) drift.
+
+    Also returns each sample's (N,) expressivity factor, the source of its intensity label.
+    """
     n = len(y)
     jitter = rng.normal(0.0, _PERSON_CENTER_SD, size=(n_persons, len(centers), 3))
     target = centers[y] + jitter[person, y]
-    intensity = rng.uniform(0.6, 1.3, size=n)
+    intensity = rng.uniform(*_STRENGTH_RANGE, size=n)
     onset = rng.uniform(0.1, 0.5, size=n) * seq_len
     width = rng.uniform(0.7, 2.5, size=n)
     t = np.arange(seq_len)[None, :]
@@ -154,7 +165,7 @@ def _latent(
     drift[:, 0] = rng.normal(0.0, _LATENT_DRIFT_SD, size=(n, 3))
     for k in range(1, seq_len):
         drift[:, k] = phi * drift[:, k - 1] + shocks[:, k]
-    return target[:, None, :] * (intensity[:, None] * ramp)[:, :, None] + drift
+    return target[:, None, :] * (intensity[:, None] * ramp)[:, :, None] + drift, intensity
 
 
 def _modality_signal(name: str, latent: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -205,7 +216,8 @@ def generate_synthetic(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSpl
     y = labels.reshape(-1).astype(np.int64)
     person = np.repeat(np.arange(n_persons), n_seq)
     site = person_site[person]
-    latent = _latent(spec.centers, y, person, n_persons, cfg.seq_len, rng_seq)
+    latent, strength = _latent(spec.centers, y, person, n_persons, cfg.seq_len, rng_seq)
+    intensity = (strength >= sum(_STRENGTH_RANGE) / 2).astype(np.int64)
 
     blocks, slices, start = [], [], 0
     hold = (np.arange(cfg.seq_len) // 2) * 2
@@ -241,6 +253,8 @@ def generate_synthetic(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSpl
             modalities=MODALITIES,
             feature_slices=tuple(slices),
             class_names=spec.classes,
+            intensity=intensity[rows],
+            intensity_names=INTENSITY_NAMES,
         )
         return full.with_mask(full.mask)  # zero the columns of absent modalities
 
