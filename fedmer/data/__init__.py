@@ -2,6 +2,7 @@
 client partitioning and the name -> loader registry."""
 
 from fedmer.data.base import DatasetSplit, MultimodalDataset
+from fedmer.data.meld import load_meld  # registers "meld"
 from fedmer.data.partition import drop_modalities, partition_clients, partition_indices
 from fedmer.data.registry import (
     DatasetLoader,
@@ -23,6 +24,7 @@ __all__ = [
     "drop_modalities",
     "generate_synthetic",
     "load_client_dataset",
+    "load_meld",
     "load_split",
     "load_stress_predict",
     "partition_clients",

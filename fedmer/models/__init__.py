@@ -18,6 +18,7 @@ from fedmer.models.objectives import (
     PrototypeContrastive,
     build_aux_objective,
 )
+from fedmer.models.text_encoder import build_text_encoder  # registers the "text" encoder
 
 __all__ = [
     "AUX_OBJECTIVES",
@@ -43,5 +44,6 @@ __all__ = [
     "build_fusion",
     "build_model",
     "build_model_for",
+    "build_text_encoder",
     "count_parameters",
 ]
