@@ -5,13 +5,19 @@ fedmer run -m key=a,b ...             a Hydra multirun sweep
 fedmer privacy show LEDGER [--json]   a node's persistent privacy budget (spent epsilon, cap)
 fedmer audit RUN_DIR [--client N]     membership-inference audit of a finished run's global model
 fedmer report SWEEP_DIR [--out DIR]   tidy CSVs + Markdown report with plots for a sweep
+fedmer missing RUN_DIR                the global model with modalities missing at test time
+fedmer explain RUN_DIR [--n N]        per-prediction modality contributions (weights, ablation)
+fedmer personalize RUN_DIR            per-client DP fine-tune of the fusion head, ledger-accounted
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -20,6 +26,9 @@ _COMMANDS = {
     "privacy": "inspect a node's privacy ledger: fedmer privacy show LEDGER [--json]",
     "report": "tidy CSVs and a Markdown report for a sweep: fedmer report SWEEP_DIR [--out DIR]",
     "audit": "membership-inference audit of a finished run: fedmer audit RUN_DIR [--client N] [--shadows K]",
+    "missing": "missing modalities at test time: fedmer missing RUN_DIR [--rates R ...] [--draws K]",
+    "explain": "modality contributions of predictions: fedmer explain RUN_DIR [--index I ...|--n N]",
+    "personalize": "per-client head fine-tune with DP: fedmer personalize RUN_DIR [--epochs E] [--no-dp]",
 }
 
 
@@ -60,6 +69,94 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
+def _run_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("run_dir", type=Path, help="a finished run folder (config.json, model.pt)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the run folder)")
+    parser.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
+    return parser
+
+
+def _post_hoc(
+    prog: str, run: Callable[[], dict], format_table: Callable[[dict], str], args: argparse.Namespace
+) -> int:
+    """Run one post-hoc tool; a bad run folder or setting is one line on stderr and exit code 2."""
+    from fedmer.run_artifacts import RunError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = run()
+    except (RunError, ValueError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    if not args.json:
+        print(f"wrote into {args.out or args.run_dir}")
+    return 0
+
+
+def _missing(argv: list[str]) -> int:
+    parser = _run_parser("fedmer missing", "Score a run's global model with modalities missing at test time")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--draws", type=int, default=5, help="random draws per rate (mean and sd reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from fedmer.evaluation.missing_report import format_table, missing_run
+
+    def run() -> dict:
+        return missing_run(args.run_dir, args.out, rates=args.rates, draws=args.draws, seed=args.seed)
+
+    return _post_hoc("fedmer missing", run, format_table, args)
+
+
+def _explain(argv: list[str]) -> int:
+    parser = _run_parser("fedmer explain", "Per-prediction modality contributions of a run's global model")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--index", type=int, nargs="+", help="test-split indices to explain")
+    which.add_argument("--n", type=int, default=6, help="explain N test samples drawn at random")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random choice of samples")
+    args = parser.parse_args(argv)
+    from fedmer.explain_report import explain_run, format_explanations
+
+    def run() -> dict:
+        return explain_run(args.run_dir, args.out, indices=args.index, n=args.n, seed=args.seed)
+
+    return _post_hoc("fedmer explain", run, format_explanations, args)
+
+
+def _personalize(argv: list[str]) -> int:
+    parser = _run_parser("fedmer personalize", "Per-client fine-tune of the fusion head, DP-accounted")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=None, help="default: the run's federation.lr")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
+    parser.add_argument("--target-epsilon", type=float, default=1.0, help="epsilon of the fine-tune alone")
+    parser.add_argument("--delta", type=float, default=None, help="must equal the run's delta (default)")
+    parser.add_argument("--cap", type=float, default=None, help="replace the ledgers' epsilon cap")
+    parser.add_argument("--ledger-dir", type=Path, default=None, help="default: RUN_DIR/ledgers")
+    parser.add_argument("--no-dp", action="store_true", help="non-private fine-tune, for comparison")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from fedmer.personalize_report import PersonalizeSettings, format_table, personalize_run
+
+    def run() -> dict:
+        settings = PersonalizeSettings(
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            target_epsilon=args.target_epsilon,
+            delta=args.delta,
+            dp=not args.no_dp,
+            cap=args.cap,
+            seed=args.seed,
+        )
+        return personalize_run(args.run_dir, settings, args.out, ledger_dir=args.ledger_dir)
+
+    return _post_hoc("fedmer personalize", run, format_table, args)
+
+
+_POST_HOC = {"missing": _missing, "explain": _explain, "personalize": _personalize}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch a subcommand; unknown ones get the list of valid ones."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -83,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return _privacy(rest)
     if command == "report":
         return _report(rest)
+    if command in _POST_HOC:
+        return _POST_HOC[command](rest)
     if command == "audit":
         from fedmer.audit_cli import main as audit_main
 

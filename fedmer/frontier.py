@@ -92,7 +92,7 @@ class FrontierCallback(Callback):
             # LiRA's shadows cost as much as the run itself: only for the chosen seeds.
             shadows = self.shadows if seed in self.lira_seeds else 0
             audit_run(run_dir, shadows=shadows, seed=seed)
-        except Exception as err:  # noqa: BLE001 - recorded next to the run and in the log
+        except Exception as err:  # recorded next to the run and in the log
             (run_dir / AUDIT_ERROR).write_text(f"{type(err).__name__}: {err}\n")
             log.error("frontier: audit of %s failed: %s", run_dir, err)
 

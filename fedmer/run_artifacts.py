@@ -25,7 +25,7 @@ from torch import nn
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import DatasetSplit
 from fedmer.data.registry import load_split
-from fedmer.models import build_model
+from fedmer.models import build_model_for
 
 __all__ = ["CHECKPOINT", "CONFIG_JSON", "RunArtifacts", "RunError", "load_run", "load_run_model"]
 
@@ -108,7 +108,7 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
 def load_run_model(run: RunArtifacts) -> nn.Module:
     """The run's final global model as a plain module in eval mode (architecture from its config)."""
     test = run.split().test
-    model = build_model(run.cfg.model, test.feature_slices, test.num_classes, test.modalities)
+    model = build_model_for(run.cfg, test)
     try:
         state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state)

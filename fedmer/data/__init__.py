@@ -12,6 +12,7 @@ from fedmer.data.registry import (
     load_split,
     register_dataset,
 )
+from fedmer.data.ravdess import load_ravdess  # registers "ravdess"
 from fedmer.data.stress_predict import load_stress_predict  # registers "stress_predict"
 from fedmer.data.synthetic import generate_synthetic, scenario_class_names
 
@@ -25,6 +26,7 @@ __all__ = [
     "generate_synthetic",
     "load_client_dataset",
     "load_meld",
+    "load_ravdess",
     "load_split",
     "load_stress_predict",
     "partition_clients",

@@ -26,7 +26,7 @@ from torch import nn
 
 from fedmer.config import ExperimentConfig
 from fedmer.data.base import MultimodalDataset
-from fedmer.models import build_model
+from fedmer.models import build_model_for
 from fedmer.privacy.engine import PrivacyHistory, make_private, noise_for_target, planned_steps
 from fedmer.privacy.roc import AttackResult
 from fedmer.train import make_loader, seed_everything, train_epochs
@@ -80,6 +80,7 @@ def loss_threshold_attack(
 
 def concat(a: MultimodalDataset, b: MultimodalDataset) -> MultimodalDataset:
     """Members then non-members, as one pool (the order the shadow masks index)."""
+    labelled = a.intensity is not None and b.intensity is not None
     return MultimodalDataset(
         x=np.concatenate([a.x, b.x]),
         mask=np.concatenate([a.mask, b.mask]),
@@ -89,6 +90,8 @@ def concat(a: MultimodalDataset, b: MultimodalDataset) -> MultimodalDataset:
         modalities=a.modalities,
         feature_slices=a.feature_slices,
         class_names=a.class_names,
+        intensity=np.concatenate([a.intensity, b.intensity]) if labelled else None,
+        intensity_names=a.intensity_names if labelled else (),
     )
 
 
@@ -119,7 +122,7 @@ def train_like_run(
     ``noise`` is the DP-SGD noise multiplier, used only when ``cfg.privacy.mode`` is "sample".
     """
     seed_everything(cfg.seed, seed)
-    model = build_model(cfg.model, data.feature_slices, data.num_classes, data.modalities)
+    model = build_model_for(cfg, data)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.federation.lr, momentum=0.9)
     loader = make_loader(data, cfg.federation.batch_size, seed)
     epochs = max(1, round(steps / len(loader)))

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from fedmer import records as rk
 from fedmer.data.registry import load_split
-from fedmer.models import build_model
+from fedmer.models import build_model_for
 from fedmer.train import evaluate_model
 from simulations.run import experiment_from_hydra
 from tests.conftest import CONFIGS, SHARED_DATA, NodeListGrid, compose
@@ -45,7 +45,7 @@ def _one_round(overrides: list[str]) -> None:
 
     exp = experiment_from_hydra(compose([*SMALL, *overrides]))
     split = load_split(exp)
-    model = build_model(exp.model, split.test.feature_slices, split.test.num_classes, split.test.modalities)
+    model = build_model_for(exp, split.test)
     arrays = ArrayRecord(model.state_dict())
     flat = exp.to_run_config()
     n = exp.federation.num_clients
