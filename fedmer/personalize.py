@@ -1,0 +1,145 @@
+"""Per-client personalization after federated training: fine-tune the fusion head only, with DP.
+
+The global model serves the average client; a vehicle with an unusual sensor kit or a ward
+with a skewed label mix may do better with its own head. Each client starts from the
+final global model, freezes every encoder and trains only ``model.fusion`` on its own
+training partition with Opacus DP-SGD. The privacy spend is planned before training
+(Poisson sampling runs ``len(loader)`` steps per epoch), checked against the client's
+ledger cap and written to *the same ledger the federated rounds used*, so the lifetime
+epsilon the ledger reports covers the federated rounds and the fine-tune together.
+
+Why that composition is valid, and when it is not: the ledger stores accountant entries
+``(noise, sample rate, steps)`` and recomputes epsilon from all of them under one
+accountant at one delta (RDP curves add, PRV distributions convolve). That is correct
+only if the fine-tune is accounted with the same accountant and reported at the same delta;
+a different delta would make the numbers incomparable (and :func:`fedmer.privacy.ledger.load_ledger`
+refuses it). The fine-tune's own noise is derived from ``target_epsilon`` for its steps
+alone, so its stand-alone epsilon is about the target while the ledger's increase is
+smaller (composition of the curves is tighter than adding epsilons).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedmer.data.base import MultimodalDataset
+from fedmer.privacy.engine import PrivacyHistory, compute_epsilon, make_private, planned_steps
+from fedmer.train import TrainResult, make_loader, seed_everything, train_epochs
+
+__all__ = [
+    "DPPlan",
+    "FineTuneResult",
+    "PersonalizeError",
+    "finetune_head",
+    "freeze_all_but_head",
+    "head_parameters",
+    "plan_steps",
+]
+
+log = logging.getLogger(__name__)
+
+
+class PersonalizeError(ValueError):
+    """Personalization cannot run as asked; the message says why and what would work."""
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """DP-SGD settings of one fine-tune; ``noise`` was derived for exactly ``steps`` at ``rate``."""
+
+    noise: float
+    rate: float
+    steps: int
+    max_grad_norm: float
+    accountant: str
+    delta: float
+
+    @property
+    def entry(self) -> tuple[float, float, int]:
+        """The ledger / accountant entry this fine-tune spends."""
+        return (self.noise, self.rate, self.steps)
+
+    def epsilon(self) -> float:
+        """Stand-alone epsilon of this fine-tune at ``delta``."""
+        return compute_epsilon(PrivacyHistory((self.entry,)), self.delta, self.accountant)
+
+
+@dataclass(frozen=True)
+class FineTuneResult:
+    """The personalized model (plain module) and what training did."""
+
+    model: nn.Module
+    train: TrainResult
+    trainable: int  # parameters that were allowed to change
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The fusion head's parameters, by their name in ``model`` (``fusion.*``)."""
+    fusion = getattr(model, "fusion", None)
+    if not isinstance(fusion, nn.Module):
+        raise PersonalizeError(f"{type(model).__name__} has no .fusion head module to personalize")
+    return {f"fusion.{k}": p for k, p in fusion.named_parameters()}
+
+
+def freeze_all_but_head(model: nn.Module) -> list[nn.Parameter]:
+    """Encoders (everything outside ``model.fusion``) frozen; return the head's parameters."""
+    head = head_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.values():
+        p.requires_grad_(True)
+    return list(head.values())
+
+
+def plan_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Sample rate and DP-SGD steps of a fine-tune (Opacus' Poisson loader: ``len(loader)`` per epoch)."""
+    return planned_steps(num_examples, batch_size, epochs, 1)
+
+
+def finetune_head(
+    global_model: nn.Module,
+    data: MultimodalDataset,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    dp: DPPlan | None,
+) -> FineTuneResult:
+    """A copy of ``global_model`` whose head was trained on ``data`` (DP-SGD when ``dp`` is given)."""
+    if len(data) == 0:
+        raise PersonalizeError("cannot fine-tune on an empty training partition")
+    model = copy.deepcopy(global_model).train()
+    params = freeze_all_but_head(model)
+    seed_everything(seed)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    loader = make_loader(data, batch_size, seed)
+    trained: nn.Module = model
+    if dp is not None:
+        setup = make_private(
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=dp.noise,
+            max_grad_norm=dp.max_grad_norm,
+            history=PrivacyHistory(),
+            accountant=dp.accountant,
+        )
+        trained, optimizer, loader = setup.module, setup.optimizer, setup.loader
+    result = train_epochs(trained, loader, optimizer, epochs)
+    if dp is not None:
+        if result.steps != dp.steps:
+            raise RuntimeError(f"DP-SGD ran {result.steps} steps but {dp.steps} were planned and recorded")
+        spent = setup.history()
+        if spent.entries != (dp.entry,):
+            raise RuntimeError(f"Opacus accounted {spent.entries}, the plan was {dp.entry}")
+        trained.remove_hooks()  # hand back a plain module
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return FineTuneResult(model=model, train=result, trainable=sum(p.numel() for p in params))
