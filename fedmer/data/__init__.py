@@ -4,6 +4,7 @@ client partitioning and the name -> loader registry."""
 from fedmer.data.base import DatasetSplit, MultimodalDataset
 from fedmer.data.meld import load_meld  # registers "meld"
 from fedmer.data.partition import drop_modalities, partition_clients, partition_indices
+from fedmer.data.ravdess import load_ravdess  # registers "ravdess"
 from fedmer.data.registry import (
     DatasetLoader,
     available_datasets,
@@ -12,7 +13,6 @@ from fedmer.data.registry import (
     load_split,
     register_dataset,
 )
-from fedmer.data.ravdess import load_ravdess  # registers "ravdess"
 from fedmer.data.stress_predict import load_stress_predict  # registers "stress_predict"
 from fedmer.data.synthetic import generate_synthetic, scenario_class_names
 

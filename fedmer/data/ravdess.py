@@ -1,0 +1,293 @@
+"""RAVDESS (Livingstone & Russo, PLoS ONE 2018): acted emotional speech, with face features for a quarter.
+
+Reads ``<data.root>/ravdess/audio16k/Actor_XX/03-01-EE-II-SS-RR-AA.flac`` (all 1,440 speech
+clips, 16 kHz mono) and ``<data.root>/ravdess/face_features.csv`` (56 per-clip facial
+features for the 360 clips with statement 01, repetition 01). ``data.root`` may point at any
+folder laid out the same way, e.g. the official release converted to 16 kHz FLAC.
+
+**Samples.** One clip = one sample of ``data.seq_len`` frames. ``speech`` is the
+``audio_features.AudioFrontEnd`` output (``data.audio_frontend`` logmel | mfcc, plus pitch
+and deltas); ``face`` is the clip's 56 features, constant over the frames. The 1,080 clips
+with no face features have face mask False and zero face columns: a real missing modality.
+``data.modalities`` picks a subset (``speech`` alone = audio-only); ``data.complete_only``
+keeps only clips with every selected modality (360 for speech,face).
+
+**Labels** come from the file name: 8 emotions (``CLASS_NAMES``, the RAVDESS codes 01-08)
+and intensity normal/strong (neutral has only normal). The face CSV's own ``emotion`` column
+must agree with the name, which catches a misaligned CSV.
+
+**Face scaling** uses fixed constants only: the expression probabilities and action units
+are already in [0, 1]; mouth openness (pixels, 22-59 in the release) is divided by 100.
+
+**Persons and sites.** Person = actor (01-24; odd male, even female). Sites are groups of
+actors: males and females are shuffled separately by ``seed`` and interleaved, the sequence
+is cut into ``num_sites`` contiguous chunks (so each site holds both genders), and the last
+``data.test_persons_per_site`` actors of each chunk (rotated by the site index, so test
+genders alternate) are held out for test. ``data.persons_per_site``,
+``sequences_per_person`` and ``scenario`` are ignored: the recordings fix them.
+
+**Cache.** Each actor's speech features are cached in ``<repo>/.fedmer_cache/ravdess/``
+(``FEDMER_CACHE_DIR`` overrides the root), keyed by the front-end parameters and the names,
+sizes and mtimes of the actor's FLAC files; writes are atomic and an unreadable cache file
+is rebuilt with a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fedmer.config import ConfigError, DataConfig
+from fedmer.data.audio_features import AudioFrontEnd, read_flac
+from fedmer.data.base import DatasetSplit, MultimodalDataset
+from fedmer.data.registry import register_dataset
+
+__all__ = [
+    "CLASS_NAMES",
+    "FACE_FEATURES",
+    "INTENSITY_NAMES",
+    "N_ACTORS",
+    "assign_actor_sites",
+    "default_cache_dir",
+    "expected_clip_ids",
+    "load_actor_speech",
+    "load_ravdess",
+    "parse_clip_id",
+    "read_face_features",
+    "resolve_root",
+]
+
+_log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLASS_NAMES: tuple[str, ...] = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
+INTENSITY_NAMES: tuple[str, ...] = ("normal", "strong")
+N_ACTORS = 24
+_FACE_BASES = (
+    *("anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral"),
+    *(f"AU{n:02d}" for n in (1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 17, 20, 23, 24, 25, 26, 28, 43)),
+    "mouth_openness",
+)
+FACE_FEATURES: tuple[str, ...] = tuple(f"{b}_{s}" for s in ("mean", "std") for b in _FACE_BASES)
+_FACE_SCALE = np.array([0.01 if f.startswith("mouth_openness") else 1.0 for f in FACE_FEATURES])
+_AUDIO_ID = re.compile(r"03-01-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)")
+_FACE_FILE = re.compile(r"01-01-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)\.mp4")
+_CACHE_VERSION = 1  # bump when the cached arrays change meaning (front-end changes have their own key)
+
+
+def parse_clip_id(stem: str) -> tuple[int, int, int]:
+    """``03-01-EE-II-SS-RR-AA`` -> (emotion index 0-7, intensity index 0-1, actor 1-24)."""
+    m = _AUDIO_ID.fullmatch(stem)
+    if m is None or not 1 <= int(m[5]) <= N_ACTORS or (m[1] == "01" and m[2] == "02"):
+        raise ValueError(
+            f"malformed RAVDESS speech file name {stem!r}: expected 03-01-EE-II-SS-RR-AA with emotion "
+            "EE 01-08, intensity II 01-02 (neutral only 01), statement and repetition 01-02, actor AA 01-24"
+        )
+    return int(m[1]) - 1, int(m[2]) - 1, int(m[5])
+
+
+def expected_clip_ids(actor: int) -> list[str]:
+    """The 60 speech identifiers one actor recorded (sorted)."""
+    return sorted(
+        f"03-01-{e:02d}-{i:02d}-{s:02d}-{r:02d}-{actor:02d}"
+        for e in range(1, 9)
+        for i in ((1,) if e == 1 else (1, 2))
+        for s in (1, 2)
+        for r in (1, 2)
+    )
+
+
+def resolve_root(root: str) -> Path:
+    """``data.root`` -> its ``ravdess`` folder; relative roots are taken from the repo root."""
+    base = Path(root).expanduser()
+    base = base if base.is_absolute() else REPO_ROOT / base
+    folder = base / "ravdess"
+    if not (folder / "audio16k").is_dir():
+        raise ConfigError(
+            f"invalid data.root={root!r}: {folder / 'audio16k'} does not exist; data.root must point at a "
+            "folder holding ravdess/audio16k/Actor_01..Actor_24/03-01-EE-II-SS-RR-AA.flac (16 kHz mono) "
+            "and ravdess/face_features.csv; an official RAVDESS release converted to that layout works too"
+        )
+    return folder
+
+
+def default_cache_dir() -> Path:
+    """``$FEDMER_CACHE_DIR/ravdess``, else ``<repo>/.fedmer_cache/ravdess`` (gitignored)."""
+    return Path(os.environ.get("FEDMER_CACHE_DIR", REPO_ROOT / ".fedmer_cache")) / "ravdess"
+
+
+def _actor_files(folder: Path, actor: int) -> list[Path]:
+    """The actor's 60 FLAC files in identifier order; error naming any bad, missing or extra file."""
+    files = sorted(folder.glob("*.flac"))
+    for f in files:
+        if parse_clip_id(f.stem)[2] != actor:
+            raise ValueError(f"{f} names actor {f.stem[-2:]} but lies in {folder.name}")
+    expected = expected_clip_ids(actor)
+    missing = sorted(set(expected) - {f.stem for f in files})
+    if missing:
+        raise ValueError(
+            f"{folder} lacks {len(missing)} of its {len(expected)} speech clips, e.g. "
+            + ", ".join(f"{m}.flac" for m in missing[:5])
+        )
+    return files
+
+
+def _cache_key(folder: Path, files: list[Path], frontend: AudioFrontEnd) -> str:
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    blob = json.dumps([_CACHE_VERSION, folder.name, stats, frontend.params()]).encode()
+    return f"{folder.name}-{hashlib.sha256(blob).hexdigest()[:20]}"
+
+
+def load_actor_speech(folder: Path, frontend: AudioFrontEnd, cache_dir: Path | None = None) -> np.ndarray:
+    """``(60, seq_len, n_features)`` float32 speech features of one actor, in identifier order."""
+    actor = int(folder.name.removeprefix("Actor_"))
+    files = _actor_files(folder, actor)
+    path = None if cache_dir is None else cache_dir / f"{_cache_key(folder, files, frontend)}.npz"
+    shape = (len(files), frontend.seq_len, frontend.n_features)
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                x = z["x"]
+            if x.shape != shape or x.dtype != np.float32:
+                raise ValueError(f"holds shape {x.shape} {x.dtype}, expected {shape} float32")
+            return x
+        except (OSError, ValueError, KeyError, EOFError) as err:
+            _log.warning("ignoring unreadable cache file %s (%s); recomputing", path, err)
+    x = np.stack([frontend(read_flac(f)) for f in files])
+    if not np.isfinite(x).all():
+        raise ValueError(f"non-finite speech features in {folder}; a FLAC file there is damaged")
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as fh:
+                np.savez(fh, x=x)
+            os.replace(fh.name, path)  # atomic: concurrent clients never read a half-written file
+        except OSError as err:
+            _log.warning("cannot write the feature cache %s (%s); continuing without it", path.parent, err)
+    return x
+
+
+def read_face_features(path: Path, clip_ids: set[str]) -> dict[str, np.ndarray]:
+    """Audio identifier -> (56,) float32 scaled face features; errors name the bad column or row."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; the face modality needs ravdess/face_features.csv")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in (*FACE_FEATURES, "file") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} lacks the columns {', '.join(missing)}")
+        rows = list(reader)
+    out: dict[str, np.ndarray] = {}
+    for line, row in enumerate(rows, start=2):
+        m = _FACE_FILE.fullmatch(row["file"])
+        if m is None:
+            raise ValueError(f"{path} line {line}: file {row['file']!r} is not 01-01-EE-II-SS-RR-AA.mp4")
+        clip = "03-01-" + row["file"][6:-4]
+        if clip not in clip_ids:
+            raise ValueError(f"{path} line {line}: {row['file']} has no speech clip {clip}.flac")
+        if clip in out:
+            raise ValueError(f"{path} line {line}: a second row for {row['file']}")
+        emotion = CLASS_NAMES[int(m[1]) - 1]
+        if row.get("emotion", emotion) != emotion:
+            raise ValueError(f"{path} line {line}: emotion {row['emotion']!r} but {row['file']} is {emotion}")
+        try:
+            values = np.array([float(row[c]) for c in FACE_FEATURES])
+        except ValueError as err:
+            raise ValueError(f"{path} line {line}: non-numeric face feature ({err})") from err
+        if not np.isfinite(values).all():
+            raise ValueError(f"{path} line {line}: non-finite face features for {row['file']}")
+        out[clip] = (values * _FACE_SCALE).astype(np.float32)
+    return out
+
+
+def assign_actor_sites(
+    actors: np.ndarray, num_sites: int, test_per_site: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per actor (in the given order): site id and whether it is held out; genders interleaved."""
+    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
+        raise ConfigError(f"invalid num_sites={num_sites!r}: expected a positive integer")
+    needed = num_sites * (1 + test_per_site)
+    if len(actors) < needed:
+        raise ConfigError(
+            f"ravdess has {len(actors)} actors, but {num_sites} sites x (1 training + "
+            f"data.test_persons_per_site={test_per_site} test) actors need {needed}; lower "
+            "federation.num_clients or data.test_persons_per_site"
+        )
+    rng = np.random.default_rng(seed)
+    male = rng.permutation(np.flatnonzero(actors % 2 == 1))
+    female = rng.permutation(np.flatnonzero(actors % 2 == 0))
+    order = [i for pair in zip(male, female, strict=False) for i in pair]
+    order += [*male[len(female) :], *female[len(male) :]]
+    site, is_test = np.empty(len(actors), np.int64), np.zeros(len(actors), bool)
+    for s, chunk in enumerate(np.array_split(np.array(order), num_sites)):
+        site[chunk] = s
+        is_test[np.roll(chunk, s)[len(chunk) - test_per_site :]] = True
+    return site, is_test
+
+
+@register_dataset("ravdess")
+def load_ravdess(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
+    """Train and held-out-actor test clips of RAVDESS speech (+ face), actors grouped into sites."""
+    modalities = cfg.modality_list
+    folder = resolve_root(cfg.root)
+    frontend = AudioFrontEnd(cfg.audio_frontend, cfg.seq_len)
+    actor_dirs = [folder / "audio16k" / f"Actor_{a:02d}" for a in range(1, N_ACTORS + 1)]
+    absent = [d.name for d in actor_dirs if not d.is_dir()]
+    if absent:
+        raise ConfigError(f"{folder / 'audio16k'} lacks the actor folders {', '.join(absent)}")
+    ids = [c for a in range(1, N_ACTORS + 1) for c in expected_clip_ids(a)]
+    labels = np.array([parse_clip_id(c) for c in ids], dtype=np.int64)
+    cache = default_cache_dir()
+    speech = np.concatenate([load_actor_speech(d, frontend, cache) for d in actor_dirs])
+    face = np.zeros((len(ids), len(FACE_FEATURES)), np.float32)
+    has_face = np.zeros(len(ids), bool)
+    if "face" in modalities:
+        rows = read_face_features(folder / "face_features.csv", set(ids))
+        for k, clip in enumerate(ids):
+            if clip in rows:
+                face[k], has_face[k] = rows[clip], True
+    parts = {"speech": (speech, np.ones(len(ids), bool)), "face": (face[:, None, :], has_face)}
+    widths = [parts[m][0].shape[2] for m in modalities]
+    bounds = np.cumsum([0, *widths])
+    x = np.zeros((len(ids), cfg.seq_len, int(bounds[-1])), np.float32)
+    mask = np.stack([parts[m][1] for m in modalities], axis=1)
+    for j, m in enumerate(modalities):
+        x[:, :, bounds[j] : bounds[j + 1]] = parts[m][0]
+    keep = mask.all(axis=1) if cfg.complete_only else np.ones(len(ids), bool)
+    _log.info(
+        "ravdess: %d clips from %d actors, %d with face features; modalities %s, complete_only=%s -> %d",
+        len(ids),
+        N_ACTORS,
+        int(has_face.sum()),
+        ",".join(modalities),
+        cfg.complete_only,
+        int(keep.sum()),
+    )
+    actors = np.arange(1, N_ACTORS + 1)
+    site_of, is_test = assign_actor_sites(actors, num_sites, cfg.test_persons_per_site, seed)
+    actor = labels[:, 2]
+    full = MultimodalDataset(
+        x=x,
+        mask=mask,
+        y=labels[:, 0],
+        person=actor,
+        site=site_of[actor - 1],
+        modalities=modalities,
+        feature_slices=tuple((int(a), int(b)) for a, b in itertools.pairwise(bounds)),
+        class_names=CLASS_NAMES,
+        intensity=labels[:, 1],
+        intensity_names=INTENSITY_NAMES,
+    )
+    test = is_test[actor - 1]
+    return DatasetSplit(
+        train=full.subset(np.flatnonzero(keep & ~test)), test=full.subset(np.flatnonzero(keep & test))
+    )
