@@ -1,10 +1,11 @@
 """Turn a sweep (a Hydra multirun folder) into one tidy CSV and a Markdown report with plots.
 
-Each run folder holds ``config.json`` (its flat run config) and ``rounds.jsonl``; this
-module reads every run under a folder, writes ``runs.csv`` (one row per run: the swept
-settings, final held-out metrics, the epsilon with its delta, accountant and unit) and
-``rounds.csv`` (one row per run and round, for learning curves), and a ``report.md``
-with UAR-versus-epsilon (mean and standard deviation over seeds) and learning curves.
+Each run folder holds ``config.json`` (its flat run config), ``rounds.jsonl`` and, when the
+run was audited, ``audit.json``. This module reads every run under a folder and writes
+``runs.csv`` (one row per run: the swept settings, final held-out metrics, the epsilon of
+the protected unit with its delta and accountant, the attack AUCs), ``rounds.csv`` (one row
+per run and round, for learning curves), the figures of :mod:`fedmer.report_plots` and a
+``report.md`` that groups runs over seeds (mean and standard deviation).
 """
 
 from __future__ import annotations
@@ -18,26 +19,66 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from fedmer.plots import save_figure
+from fedmer.report_plots import plot_attack_auc, plot_learning_curves, plot_uar_vs_epsilon
 from fedmer.results import ROUNDS_JSONL, read_rounds
 
-__all__ = ["collect_runs", "write_report"]
+__all__ = ["RUN_COLUMNS", "collect_runs", "group_runs", "write_report"]
 
 log = logging.getLogger(__name__)
 
 RUN_COLUMNS = (
-    "run", "data", "scenario", "strategy", "fusion", "privacy_mode", "target_epsilon", "seed",
-    "uar", "accuracy", "macro_f1", "epsilon", "client_epsilon", "delta", "accountant", "unit", "rounds",
+    "run", "dataset", "data", "scenario", "strategy", "fusion", "privacy_mode", "target_epsilon", "seed",
+    "uar", "accuracy", "macro_f1", "epsilon", "client_epsilon", "unit_epsilon", "delta", "accountant",
+    "unit", "rounds", "loss_auc", "loss_tpr_1pct", "lira_auc", "lira_offline_auc", "lira_tpr_1pct",
 )  # fmt: skip
+ROUND_COLUMNS = (
+    "run",
+    "dataset",
+    "privacy_mode",
+    "target_epsilon",
+    "strategy",
+    "seed",
+    "round",
+    "uar",
+    "epsilon",
+)
 
 
 def _eps(value: Any) -> float:
     return math.inf if value in ("inf", None) else float(value)
+
+
+def _dataset(rc: dict[str, Any]) -> str:
+    """A label for the data: the synthetic scenario, or the real dataset's name."""
+    return f"synthetic {rc['data.scenario']}" if rc["data.name"] == "synthetic" else str(rc["data.name"])
+
+
+def _audit_columns(run_dir: Path) -> dict[str, Any]:
+    """AUC and TPR at 1% FPR of each attack in the run's audit.json (empty when not audited)."""
+    path = run_dir / "audit.json"
+    if not path.exists():
+        return {}
+    attacks = json.loads(path.read_text())["attacks"]
+
+    def get(name: str, key: str) -> Any:
+        return attacks.get(name, {}).get(key)
+
+    return {
+        "loss_auc": get("loss_threshold", "auc"),
+        "loss_tpr_1pct": get("loss_threshold", "tpr_at_1pct_fpr"),
+        "lira_auc": get("lira_online", "auc"),
+        "lira_offline_auc": get("lira_offline", "auc"),
+        "lira_tpr_1pct": get("lira_online", "tpr_at_1pct_fpr"),
+    }
+
+
+def _unit_epsilon(mode: str, sample_eps: float, client_eps: Any) -> float:
+    """The epsilon of the unit the run protects: per sample, per client, or inf without DP."""
+    if mode == "client":
+        return _eps(client_eps)
+    if mode == "off":
+        return math.inf
+    return sample_eps  # sample, or both (the client-level one is in client_epsilon)
 
 
 def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -59,115 +100,144 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
                 rc["federation.num_rounds"],
             )
         name = str(run_dir.relative_to(root)) if run_dir != Path(root) else run_dir.name
-        final = rows[-1]
+        final, mode = rows[-1], rc["privacy.mode"]
+        target = _eps(rc["privacy.target_epsilon"]) if mode != "off" else math.inf
+        sample_eps = _eps(final["epsilon_max"])
+        common = {
+            "dataset": _dataset(rc),
+            "privacy_mode": mode,
+            "target_epsilon": target,
+            "strategy": rc["strategy.name"],
+            "seed": rc["seed"],
+        }
         runs.append(
             {
                 "run": name,
+                **common,
                 "data": rc["data.name"],
                 "scenario": rc["data.scenario"],
-                "strategy": rc["strategy.name"],
                 "fusion": rc["model.fusion"],
-                "privacy_mode": rc["privacy.mode"],
-                "target_epsilon": rc["privacy.target_epsilon"] if rc["privacy.mode"] != "off" else math.inf,
-                "seed": rc["seed"],
                 "uar": final["uar"],
                 "accuracy": final["accuracy"],
                 "macro_f1": final["macro_f1"],
-                "epsilon": _eps(final["epsilon_max"]),
+                "epsilon": sample_eps,
                 "client_epsilon": final.get("client_epsilon"),
-                "delta": final["delta"],
+                "unit_epsilon": _unit_epsilon(mode, sample_eps, final.get("client_epsilon")),
+                "delta": final["delta"]
+                if final["delta"] is not None
+                else privacy.get("client_level", {}).get("delta"),
                 "accountant": final["accountant"],
-                "unit": privacy.get("unit", "none"),
+                "unit": privacy.get("unit", "none") if mode != "client" else privacy["client_level"]["unit"],
                 "rounds": len(rows) - 1,
+                **_audit_columns(run_dir),
             }
         )
         rounds.extend(
-            {"run": name, "round": r["round"], "uar": r["uar"], "epsilon": _eps(r["epsilon_max"])}
+            {"run": name, **common, "round": r["round"], "uar": r["uar"], "epsilon": _eps(r["epsilon_max"])}
             for r in rows
         )
     return runs, rounds
 
 
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, unit, strategy, target epsilon): means and sds over seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["dataset"], r["privacy_mode"], r["strategy"], r["target_epsilon"])].append(r)
+    out = []
+    for (dataset, mode, strategy, target), members in sorted(groups.items()):
+        uar, uar_sd = _mean_sd([m["uar"] for m in members])
+        loss_auc, loss_sd = _mean_sd([m.get("loss_auc") for m in members])
+        lira_auc, lira_sd = _mean_sd([m.get("lira_auc") for m in members])
+        out.append(
+            {
+                "dataset": dataset,
+                "privacy_mode": mode,
+                "strategy": strategy,
+                "target_epsilon": target,
+                "runs": len(members),
+                "uar": uar,
+                "uar_sd": uar_sd,
+                "unit_epsilon": max(m["unit_epsilon"] for m in members),
+                "delta": members[0]["delta"],
+                "accountant": "Flower RDP" if mode == "client" else members[0]["accountant"],
+                "loss_auc": loss_auc,
+                "loss_auc_sd": loss_sd,
+                "lira_auc": lira_auc,
+                "lira_auc_sd": lira_sd,
+                "lira_runs": sum(m.get("lira_auc") is not None for m in members),
+            }
+        )
+    return out
+
+
+def _fmt(v: float, sd: float | None = None) -> str:
+    if v is None or math.isnan(v):
+        return "–"
+    return f"{v:.3f}" if sd is None else f"{v:.3f} ± {sd:.3f}"
+
+
+def _table(groups: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| dataset | unit | strategy | target ε | runs | UAR mean ± sd | ε reached (δ, accountant) "
+        "| loss-attack AUC | LiRA AUC (runs) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        eps = g["unit_epsilon"]
+        reached = "∞" if math.isinf(eps) else f"{eps:.3g} (δ={g['delta']:g}, {g['accountant']})"
+        lira = f"{_fmt(g['lira_auc'])} ({g['lira_runs']})" if g["lira_runs"] else "–"
+        cells = [
+            g["dataset"], g["privacy_mode"], g["strategy"], f"{g['target_epsilon']:g}", str(g["runs"]),
+            _fmt(g["uar"], g["uar_sd"]), reached, _fmt(g["loss_auc"], g["loss_auc_sd"]), lira,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write runs.csv, rounds.csv, uar_vs_epsilon.png, learning_curves.png and report.md; return report.md."""
+    """Write runs.csv, rounds.csv, the figures and report.md; return report.md's path."""
     runs, rounds = collect_runs(root)
     if not runs:
         raise FileNotFoundError(f"no finished runs (config.json + rounds.jsonl) under {root}")
     out = Path(out_dir or root)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows, columns in (
-        ("runs.csv", runs, RUN_COLUMNS),
-        ("rounds.csv", rounds, ("run", "round", "uar", "epsilon")),
-    ):
-        with open(out / name, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in runs:
-        groups[(r["strategy"], r["privacy_mode"], r["target_epsilon"])].append(r)
-    table = [
-        "| strategy | privacy | target ε | runs | UAR mean ± sd | max ε reached (δ, accountant) |",
-        "|---|---|---|---|---|---|",
+    _write_csv(out / "runs.csv", runs, RUN_COLUMNS)
+    _write_csv(out / "rounds.csv", rounds, ROUND_COLUMNS)
+    groups = group_runs(runs)
+    figures = [
+        ("UAR vs epsilon", plot_uar_vs_epsilon(groups, out / "uar_vs_epsilon.png")),
+        ("learning curves", plot_learning_curves(rounds, out / "learning_curves.png")),
     ]
-    series: dict[tuple, list[tuple[float, float, float]]] = defaultdict(list)
-    for (strategy, mode, target), members in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])
-    ):
-        uars = [m["uar"] for m in members]
-        mean, sd = statistics.fmean(uars), (statistics.stdev(uars) if len(uars) > 1 else 0.0)
-        eps = max(m["epsilon"] for m in members)
-        first = members[0]
-        reached = "∞" if math.isinf(eps) else f"{eps:.3g} (δ={first['delta']:g}, {first['accountant']})"
-        table.append(
-            f"| {strategy} | {mode} | {target:g} | {len(members)} | {mean:.3f} ± {sd:.3f} | {reached} |"
-        )
-        series[(strategy, mode)].append((target, mean, sd))
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-    finite = [t for (_, _), pts in series.items() for t, _, _ in pts if math.isfinite(t)]
-    inf_x = (max(finite) * 2) if finite else 1.0
-    for (strategy, mode), pts in sorted(series.items()):
-        pts.sort()
-        xs = [inf_x if math.isinf(t) else t for t, _, _ in pts]
-        ax.errorbar(
-            xs,
-            [m for _, m, _ in pts],
-            yerr=[s for _, _, s in pts],
-            marker="o",
-            capsize=3,
-            label=f"{strategy}, {mode}",
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("target ε (rightmost point: no DP)")
-    ax.set_ylabel("held-out UAR (mean ± sd over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, out / "uar_vs_epsilon.png")
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-    by_run: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for r in rounds:
-        by_run[r["run"]].append((r["round"], r["uar"]))
-    for name, pts in by_run.items():
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            alpha=0.6,
-            linewidth=1,
-            label=name if len(by_run) <= 8 else None,
-        )
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out UAR")
-    ax.grid(alpha=0.3)
-    if len(by_run) <= 8:
-        ax.legend(fontsize=7)
-    save_figure(fig, out / "learning_curves.png")
+    if any(g["loss_auc"] == g["loss_auc"] for g in groups):  # at least one audited run (not NaN)
+        figures.append(("attack AUC vs epsilon", plot_attack_auc(groups, out / "attack_auc_vs_epsilon.png")))
+    audited = sum(r.get("loss_auc") is not None for r in runs)
     report = out / "report.md"
     report.write_text(
-        f"# Sweep report: {Path(root).resolve()}\n\n{len(runs)} finished runs. Epsilon is per sample "
-        "(one training sequence) within each client, cumulative over the run, max over clients; "
-        "its delta and accountant are given with it.\n\n"
-        + "\n".join(table)
-        + "\n\n![UAR vs epsilon](uar_vs_epsilon.png)\n\n![learning curves](learning_curves.png)\n\n"
-        "Data: `runs.csv` (one row per run), `rounds.csv` (one row per run and round).\n"
+        f"# Sweep report: {Path(root).resolve()}\n\n"
+        f"{len(runs)} finished runs ({audited} audited). UAR is on held-out persons after the last round. "
+        "ε is that of the unit the run protects, cumulative over the whole run: for `sample` one training "
+        "sequence within a client (DP-SGD, max over clients), for `client` one whole client (Flower's "
+        "accountant, no sampling amplification); its δ and accountant are given with it. Target ε = inf "
+        "is the same pipeline with noise 0 (clipping only). Attack AUC: membership inference against one "
+        "client's training persons vs held-out persons (0.5 = no leak detected).\n\n"
+        + "\n".join(_table(groups))
+        + "\n\n"
+        + "\n\n".join(f"![{title}]({path.name})" for title, path in figures)
+        + "\n\nData: `runs.csv` (one row per run), `rounds.csv` (one row per run and round).\n"
     )
     return report

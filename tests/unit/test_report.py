@@ -38,8 +38,10 @@ def test_report_groups_seeds_and_keeps_epsilon_with_delta(tmp_path: Path) -> Non
     _run(tmp_path / "2", 0, [0.2, 0.9], mode="off")
     (tmp_path / "3").mkdir()  # a job that died before its first round: no files
     report = write_report(tmp_path).read_text()
-    assert "| fedavg | sample | 4 | 2 | 0.600 ± 0.141 | 1 (δ=1e-05, rdp) |" in report
-    assert "| fedavg | off | inf | 1 | 0.900 ± 0.000 | ∞ |" in report
+    assert (
+        "| synthetic driving | sample | fedavg | 4 | 2 | 0.600 ± 0.141 | 1 (δ=1e-05, rdp) | – | – |" in report
+    )
+    assert "| synthetic driving | off | fedavg | inf | 1 | 0.900 ± 0.000 | ∞ | – | – |" in report
     with open(tmp_path / "runs.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 3
     assert (tmp_path / "uar_vs_epsilon.png").stat().st_size > 0
@@ -48,3 +50,29 @@ def test_report_groups_seeds_and_keeps_epsilon_with_delta(tmp_path: Path) -> Non
 def test_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         write_report(tmp_path)
+
+
+def test_client_unit_reports_the_client_epsilon_and_audits_feed_the_attack_plot(tmp_path: Path) -> None:
+    import json
+
+    cfg = ExperimentConfig(privacy=PrivacyConfig(mode="client", target_epsilon=2.0))
+    rec = RunRecorder(tmp_path / "0", cfg)
+    for rnd, client_eps in enumerate([0.0, 1.2, 1.9]):
+        row = dict.fromkeys(CSV_COLUMNS, 0)
+        row.update(round=rnd, uar=0.3, accuracy=0.3, macro_f1=0.3, epsilon_max=math.inf, delta=None)
+        row.update(accountant="none", client_epsilon=client_eps)
+        rec.record(row, {})
+    rec.finish({"w": torch.zeros(1)}, {})
+    attacks = {"loss_threshold": {"auc": 0.61, "tpr_at_1pct_fpr": 0.02}, "lira_online": {"auc": 0.66}}
+    (tmp_path / "0" / "audit.json").write_text(json.dumps({"attacks": attacks}))
+    report = write_report(tmp_path).read_text()
+    with open(tmp_path / "runs.csv") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert float(row["unit_epsilon"]) == 1.9 and float(row["epsilon"]) == math.inf
+    assert row["unit"].startswith("one whole client") and float(row["delta"]) == 1e-5
+    assert float(row["loss_auc"]) == 0.61 and float(row["lira_auc"]) == 0.66
+    assert (
+        "| client | fedavg | 2 | 1 | 0.300 ± 0.000 | 1.9 (δ=1e-05, Flower RDP) | 0.610 ± 0.000 | 0.660 (1) |"
+        in report
+    )
+    assert (tmp_path / "attack_auc_vs_epsilon.png").stat().st_size > 0
