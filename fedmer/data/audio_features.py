@@ -14,10 +14,10 @@ No torchaudio or librosa: the pipeline is short and every step is pinned by prop
   across clips, actors or clients, so a federation can apply the same map on every client.
 * **MFCC**: orthonormal DCT-II of the scaled log-mel frame, the first ``N_MFCC`` coefficients.
   A gain change shifts every log-mel band equally, hence only c0.
-* **Pitch**: per frame, the normalised autocorrelation (window bias removed) is searched
-  for a period of 70-500 Hz; the frame gets ``voicing`` (its peak, in [0, 1]) and
-  ``log2(F0 / 100 Hz)`` if voicing > 0.5, else 0. Prosody carries much of the emotion in
-  acted speech: it lifts the reference audio UAR by about 3 points (docs/notes/ravdess.md).
+* **Pitch**: per frame (40 ms Hann, same frame starts), the normalised autocorrelation
+  (window bias removed) is searched for a period of 70-500 Hz; the frame gets ``voicing``
+  (its peak, in [0, 1]) and ``log2(F0 / 100 Hz)`` if voicing > 0.5, else 0. Prosody is a
+  main cue to emotion in acted speech, and a spectral envelope alone does not carry it.
 * **Deltas**: static coefficients and pitch are extended with their temporal derivative
   (HTK regression over +-2 frames) before pooling, so a segment also says how fast they move.
 * **Trimming**: leading and trailing frames more than 40 dB below the clip's loudest frame
@@ -68,6 +68,7 @@ N_MFCC = 20
 DB_FLOOR = -100.0  # dBFS: log floor, keeps silence finite
 _DB_OFFSET, _DB_SCALE = 80.0, 20.0  # fixed map dBFS -> (dB + 80) / 20
 _F0_RANGE = (70.0, 500.0)  # Hz searched for the pitch period
+_PITCH_WINDOW = 640  # 40 ms
 _VOICED = 0.5  # normalised autocorrelation above which a frame counts as voiced
 _TRIM_DB = 40.0
 _DELTA_WIDTH = 2
@@ -125,18 +126,30 @@ def frame_power(signal: np.ndarray) -> np.ndarray:
 
 
 def pitch(signal: np.ndarray) -> np.ndarray:
-    """``(n_frames, 2)``: ``log2(F0 / 100 Hz)`` (0 when unvoiced) and voicing in [0, 1]."""
-    frames = _frames(signal)
+    """``(n_frames, 2)``: ``log2(F0 / 100 Hz)`` (0 when unvoiced) and voicing in [0, 1].
+
+    Frames start where the STFT frames start but span ``_PITCH_WINDOW`` (40 ms): three periods
+    of a 75 Hz voice. The period is the shortest lag whose normalised autocorrelation is a local
+    peak within 10 % of the best one, which avoids picking a multiple of the period.
+    """
+    x = np.asarray(signal, dtype=np.float64).reshape(-1)
+    n_frames = len(_frames(x))
+    x = np.pad(x, (0, (n_frames - 1) * HOP + _PITCH_WINDOW - len(x)))
+    frames = np.lib.stride_tricks.sliding_window_view(x, _PITCH_WINDOW)[::HOP]
     frames = frames - frames.mean(axis=1, keepdims=True)
-    n = 2 * N_FFT  # no circular wrap-around for lags < WINDOW
-    spec = np.fft.rfft(frames * _HANN, n=n, axis=1)
+    window = np.hanning(_PITCH_WINDOW + 1)[:-1]
+    n = 2 * N_FFT  # no circular wrap-around for the lags searched
+    spec = np.fft.rfft(frames * window, n=n, axis=1)
     acf = np.fft.irfft(spec.real**2 + spec.imag**2, n=n, axis=1)
-    wacf = np.fft.irfft(np.abs(np.fft.rfft(_HANN, n=n)) ** 2, n=n)  # the window's own decay
+    wacf = np.fft.irfft(np.abs(np.fft.rfft(window, n=n)) ** 2, n=n)  # the window's own decay
     lo, hi = int(SAMPLE_RATE / _F0_RANGE[1]), int(SAMPLE_RATE / _F0_RANGE[0])
     energy = acf[:, :1] / wacf[0]
-    norm = acf[:, lo : hi + 1] / wacf[lo : hi + 1] / np.maximum(energy, 1e-12)
-    lag = lo + norm.argmax(axis=1)
-    voicing = np.clip(norm.max(axis=1), 0.0, 1.0)
+    norm = acf[:, lo - 1 : hi + 2] / wacf[lo - 1 : hi + 2] / np.maximum(energy, 1e-12)
+    inner = norm[:, 1:-1]
+    peak = (inner >= norm[:, :-2]) & (inner >= norm[:, 2:])
+    best = np.where(peak, inner, -np.inf).max(axis=1, keepdims=True)
+    lag = lo + np.argmax(peak & (inner >= 0.9 * best), axis=1)
+    voicing = np.clip(best[:, 0], 0.0, 1.0)
     voicing[energy[:, 0] < 10.0 ** (DB_FLOOR / 10.0)] = 0.0  # silence: no pitch
     log_f0 = np.where(voicing > _VOICED, np.log2(SAMPLE_RATE / lag / 100.0), 0.0)
     return np.stack([log_f0, voicing], axis=1)
@@ -244,6 +257,7 @@ class AudioFrontEnd:
             "delta_width": _DELTA_WIDTH,
             "f0_range": list(_F0_RANGE),
             "voiced": _VOICED,
+            "pitch_window": _PITCH_WINDOW,
             "trim_db": _TRIM_DB,
         }
 

@@ -35,6 +35,7 @@ is rebuilt with a warning.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -60,6 +61,7 @@ __all__ = [
     "default_cache_dir",
     "expected_clip_ids",
     "load_actor_speech",
+    "load_clips",
     "load_ravdess",
     "parse_clip_id",
     "read_face_features",
@@ -234,9 +236,8 @@ def assign_actor_sites(
     return site, is_test
 
 
-@register_dataset("ravdess")
-def load_ravdess(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
-    """Train and held-out-actor test clips of RAVDESS speech (+ face), actors grouped into sites."""
+def load_clips(cfg: DataConfig) -> MultimodalDataset:
+    """Every clip (after ``data.complete_only``), all at site 0: the data before the site split."""
     modalities = cfg.modality_list
     folder = resolve_root(cfg.root)
     frontend = AudioFrontEnd(cfg.audio_frontend, cfg.seq_len)
@@ -272,22 +273,28 @@ def load_ravdess(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
         cfg.complete_only,
         int(keep.sum()),
     )
-    actors = np.arange(1, N_ACTORS + 1)
-    site_of, is_test = assign_actor_sites(actors, num_sites, cfg.test_persons_per_site, seed)
-    actor = labels[:, 2]
-    full = MultimodalDataset(
-        x=x,
-        mask=mask,
-        y=labels[:, 0],
-        person=actor,
-        site=site_of[actor - 1],
+    return MultimodalDataset(
+        x=x[keep],
+        mask=mask[keep],
+        y=labels[keep, 0],
+        person=labels[keep, 2],
+        site=np.zeros(int(keep.sum()), np.int64),
         modalities=modalities,
         feature_slices=tuple((int(a), int(b)) for a, b in itertools.pairwise(bounds)),
         class_names=CLASS_NAMES,
-        intensity=labels[:, 1],
+        intensity=labels[keep, 1],
         intensity_names=INTENSITY_NAMES,
     )
-    test = is_test[actor - 1]
-    return DatasetSplit(
-        train=full.subset(np.flatnonzero(keep & ~test)), test=full.subset(np.flatnonzero(keep & test))
+
+
+@register_dataset("ravdess")
+def load_ravdess(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
+    """Train and held-out-actor test clips of RAVDESS speech (+ face), actors grouped into sites."""
+    # Assign sites first: a federation too large for 24 actors fails before any audio is read.
+    site_of, is_test = assign_actor_sites(
+        np.arange(1, N_ACTORS + 1), num_sites, cfg.test_persons_per_site, seed
     )
+    clips = load_clips(cfg)
+    test = is_test[clips.person - 1]
+    full = dataclasses.replace(clips, site=site_of[clips.person - 1])
+    return DatasetSplit(train=full.subset(np.flatnonzero(~test)), test=full.subset(np.flatnonzero(test)))
