@@ -25,17 +25,17 @@ never reach training.
 
 **Sites and held-out speakers** (:func:`assign_speakers`, seeded, deterministic): the six
 speakers with >= ``MAIN_MIN_UTTERANCES`` lines are *main characters* (1.8k-2.1k each, 83 % of
-the data); the other ~300 are *minor*. One main character, drawn by the seed among those with
->= ``MIN_TEST_PER_CLASS`` lines of every class, is held out for test: minor speakers alone have
-only 48 fear and 39 disgust lines, too few to estimate those recalls. The other main characters
-are dealt one per site over a seeded permutation of sites (round robin when there are fewer
-sites than characters; sites beyond them get none). Minor speakers, largest first (seeded tie
-order), are dealt in snake order, which gives every site the same number of them (+-1) and
-similar line counts; then each site holds out ``data.test_persons_per_site`` of its minor
-speakers (seeded). So ``data.test_persons_per_site`` = held-out *minor* speakers per site, and
-the test set = one main character + ``num_sites x test_persons_per_site`` minor speakers.
-``data.persons_per_site``, ``sequences_per_person``, ``scenario``, ``audio_frontend`` and
-``complete_only`` are ignored (the transcripts fix them).
+the data); the other 282 are *minor* (joint labels aside). One main character, drawn by the seed
+among those with >= ``MIN_TEST_PER_CLASS`` lines of every class, is held out for test: minor
+speakers alone have about 50 fear and 40 disgust lines, too few to estimate those recalls. The
+other main characters are dealt one per site over a seeded permutation of sites (round robin
+when there are fewer sites than characters; sites beyond them get none). Minor speakers, largest
+first (seeded tie order), are dealt in snake order, which gives every site the same number of
+them (+-1) and similar line counts; then each site holds out ``data.test_persons_per_site`` of
+its minor speakers (seeded). So ``data.test_persons_per_site`` = held-out *minor* speakers per
+site, and the test set = one main character + ``num_sites x test_persons_per_site`` minor
+speakers. ``data.persons_per_site``, ``sequences_per_person``, ``scenario``, ``audio_frontend``
+and ``complete_only`` are ignored (the transcripts fix them).
 
 **Caveats.** Held-out-speaker evaluation is harder than MELD's official utterance split, so
 numbers are not comparable with the literature. Some labels are not one person ("All",
