@@ -139,7 +139,8 @@ def _personalize(argv: list[str]) -> int:
     parser.add_argument("--no-dp", action="store_true", help="non-private fine-tune, for comparison")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from fedmer.personalize_report import PersonalizeSettings, format_table, personalize_run
+    from fedmer.personalize import PersonalizeSettings
+    from fedmer.personalize_report import format_table, personalize_run
 
     def run() -> dict:
         settings = PersonalizeSettings(

@@ -15,7 +15,7 @@ import numpy as np
 from fedmer.plots import save_figure
 
 if TYPE_CHECKING:
-    from fedmer.personalize_report import ClientResult
+    from fedmer.personalize import ClientResult
 
 __all__ = ["plot_personalization"]
 

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,78 +33,23 @@ from torch import nn
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.registry import load_client_dataset
 from fedmer.evaluation.inference import score
-from fedmer.personalize import DPPlan, PersonalizeError, finetune_head, plan_steps
+from fedmer.personalize import (
+    ClientResult,
+    DPPlan,
+    PersonalizeError,
+    PersonalizeSettings,
+    finetune_head,
+    plan_steps,
+)
 from fedmer.personalize_plot import plot_personalization
 from fedmer.privacy.engine import noise_for_target
 from fedmer.privacy.ledger import UNIT, LedgerError, PrivacyLedger, load_ledger
 from fedmer.results import ROUNDS_JSONL, read_rounds
 from fedmer.run_artifacts import RunArtifacts, load_run, load_run_model
 
-__all__ = ["ClientResult", "PersonalizeSettings", "format_table", "personalize_run"]
+__all__ = ["format_table", "personalize_run"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PersonalizeSettings:
-    """How to fine-tune; None means "as in the run's config"."""
-
-    epochs: int = 5
-    lr: float | None = None
-    batch_size: int | None = None
-    target_epsilon: float = 1.0
-    delta: float | None = None
-    dp: bool = True
-    cap: float | None = None  # replaces the ledgers' stored cap (the node's policy) when given
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise PersonalizeError(f"invalid epochs={self.epochs!r}: expected an integer >= 1")
-        if self.lr is not None and not self.lr > 0:
-            raise PersonalizeError(f"invalid lr={self.lr!r}: expected a number > 0")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise PersonalizeError(f"invalid batch_size={self.batch_size!r}: expected >= 1")
-        if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
-            raise PersonalizeError(
-                f"invalid target_epsilon={self.target_epsilon!r}: expected a finite number > 0 "
-                "(use --no-dp for a non-private fine-tune)"
-            )
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise PersonalizeError(f"invalid delta={self.delta!r}: expected 0 < delta < 1")
-        if self.cap is not None and not self.cap >= 0:
-            raise PersonalizeError(f"invalid cap={self.cap!r}: expected an epsilon >= 0")
-
-
-@dataclass(frozen=True)
-class ClientResult:
-    """One client's outcome; privacy fields are None for --no-dp, personalized ones if refused."""
-
-    client: int
-    status: str  # personalized | refused
-    reason: str | None
-    n_train: int
-    eval_set: str
-    n_eval: int
-    global_uar: float
-    personalized_uar: float | None
-    global_client_prior_accuracy: float
-    personalized_client_prior_accuracy: float | None
-    private: bool
-    noise_multiplier: float | None
-    sample_rate: float | None
-    steps: int | None
-    epsilon_finetune: float | None  # stand-alone, at delta
-    epsilon_before: float | None  # ledger lifetime epsilon before / after the fine-tune
-    epsilon_after: float | None
-    delta: float | None
-    accountant: str | None
-    unit: str | None
-
-    @property
-    def deployed_uar(self) -> float:
-        """What the client ends up with: its personalized model, or the global one if refused."""
-        return self.global_uar if self.personalized_uar is None else self.personalized_uar
 
 
 def _prior_accuracy(report: dict, prior: np.ndarray) -> float:
@@ -175,12 +120,13 @@ def _check_privacy(run: RunArtifacts, settings: PersonalizeSettings) -> None:
 
 def personalize_run(
     run_dir: str | Path,
-    settings: PersonalizeSettings = PersonalizeSettings(),
+    settings: PersonalizeSettings | None = None,
     out_dir: str | Path | None = None,
     *,
     ledger_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Personalize every client of a finished run; write CSV, JSON and PNG; return the JSON."""
+    settings = settings if settings is not None else PersonalizeSettings()
     run = load_run(run_dir)
     _check_privacy(run, settings)
     cfg = run.cfg
