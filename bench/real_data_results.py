@@ -27,7 +27,8 @@ Each run's folder is ``outputs/real_data/<run id>/`` (``summary.json`` for a fed
 so the script resumes where it stopped. Results go to ``bench/results/real_data_results.csv``
 and ``bench/results/real_data_results.md``.
 
-    nice -n 19 .venv/bin/python bench/real_data_results.py [--only abcde] [--seed 0] [--list]
+    nice -n 19 .venv/bin/python bench/real_data_results.py [--only abcde] [--seeds 0 1 2] [--match ID]
+    nice -n 19 .venv/bin/python bench/real_data_results.py --tables   # rewrite the tables only
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ FIELDS = [
     "macro_f1",
     "accuracy",
     "uar_last5",
+    "uar_complete_test",
     "best_uar",
     "chance_uar",
     "epsilon_max",
@@ -117,8 +119,11 @@ TUNING = [
     ("concat fusion", ["model=concat"]),
     ("lr 0.05", ["federation.lr=0.05"]),
     ("60 rounds", ["federation.num_rounds=60"]),
+    ("4 local epochs", ["federation.local_epochs=4"]),
+    ("batch 16", ["federation.batch_size=16"]),
     ("hidden 64", ["model.hidden=64"]),
     ("modality dropout 0.2", ["model.modality_dropout=0.2"]),
+    ("60 rounds, 4 local epochs", ["federation.num_rounds=60", "federation.local_epochs=4"]),
 ]
 
 
@@ -182,6 +187,7 @@ def run_federated(run: Run, seed: int, folder: Path) -> dict:
     return {
         "uar": final["uar"],
         "uar_last5": sum(last5) / len(last5),
+        "uar_complete_test": complete_test_uar(folder),
         "macro_f1": final["macro_f1"],
         "accuracy": final["accuracy"],
         "best_uar": s["best_uar"],
@@ -192,6 +198,21 @@ def run_federated(run: Run, seed: int, folder: Path) -> dict:
         "unit": priv["unit"],
         "wall_s_under_load": s["wall_time_s"],
     }
+
+
+def complete_test_uar(folder: Path) -> float | str:
+    """Final model's UAR on the held-out samples with every modality ("" if all or none have)."""
+    import numpy as np
+
+    from fedmer.run_artifacts import load_run, load_run_model
+    from fedmer.train import evaluate_model
+
+    run = load_run(folder)
+    test = run.split().test
+    complete = np.flatnonzero(test.mask.all(axis=1))
+    if not 0 < len(complete) < len(test):
+        return ""
+    return evaluate_model(load_run_model(run), test.subset(complete))["uar"]
 
 
 def run_centralised(run: Run, seed: int, folder: Path) -> dict:
@@ -216,6 +237,7 @@ def run_centralised(run: Run, seed: int, folder: Path) -> dict:
     return {
         "uar": r["uar"],
         "uar_last5": sum(last5) / len(last5),
+        "uar_complete_test": "" if r.get("complete_uar") is None else r["complete_uar"],
         "macro_f1": r["macro_f1"],
         "accuracy": r["accuracy"],
         "best_uar": r["best_uar"],
@@ -229,26 +251,52 @@ def run_centralised(run: Run, seed: int, folder: Path) -> dict:
     }
 
 
+def _fmt(value: float | str) -> str:
+    return "" if value == "" else f"{float(value):.3f}"
+
+
+def _mean_sd(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
 def write_tables(rows: list[dict]) -> None:
-    """CSV of every row and a Markdown table per group."""
+    """CSV of every (run, seed) row; Markdown: one line per run, mean ± sd over its seeds."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "real_data_results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| group | dataset | setting | training | DP | UAR | macro-F1 | acc | best UAR | chance | max ε (δ) |"
+        "| group | dataset | setting | training | DP | seeds | UAR | UAR last 5 | UAR, all-modality test "
+        "clips | macro-F1 | acc | chance | max ε (δ) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    by_run: dict[str, list[dict]] = {}
     for r in rows:
-        eps = r["epsilon_max"]
-        eps_txt = "∞" if eps in ("inf", float("inf")) else f"{float(eps):.2f} ({r['delta']})"
-        lines.append(
-            f"| {r['group']} | {r['dataset']} | {r['setting']} | {r['training']} | {r['privacy']} "
-            f"| {float(r['uar']):.3f} | {float(r['uar_last5']):.3f} | {float(r['macro_f1']):.3f} "
-            f"| {float(r['accuracy']):.3f} "
-            f"| {float(r['best_uar']):.3f} | {float(r['chance_uar']):.3f} | {eps_txt} |"
-        )
+        by_run.setdefault(r["run_dir"].rsplit("-seed", 1)[0], []).append(r)
+    for same in by_run.values():
+        r = same[0]
+        eps = max(float(x["epsilon_max"]) for x in same)
+        eps_txt = "∞" if eps == float("inf") else f"{eps:.2f} ({r['delta']})"
+        complete = [float(x["uar_complete_test"]) for x in same if x["uar_complete_test"] != ""]
+        cells = [
+            r["group"],
+            r["dataset"],
+            r["setting"],
+            r["training"],
+            r["privacy"],
+            ",".join(str(x["seed"]) for x in same),
+            *(_mean_sd([float(x[key]) for x in same]) for key in ("uar", "uar_last5")),
+            _mean_sd(complete) if complete else "",
+            *(_mean_sd([float(x[key]) for x in same]) for key in ("macro_f1", "accuracy")),
+            f"{float(r['chance_uar']):.3f}",
+            eps_txt,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     (RESULTS / "real_data_results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -277,41 +325,49 @@ def measure(run: Run, seed: int, execute: bool) -> dict | None:
     }
 
 
-def collect(seed: int) -> list[dict]:
-    """Rows of every planned run that has a result on disk (whatever invocation measured it)."""
-    return [row for run in plan() if (row := measure(run, seed, execute=False)) is not None]
+def collect() -> list[dict]:
+    """Rows of every planned run and seed with a result on disk (whatever invocation measured it)."""
+    rows = []
+    for run in plan():
+        seeds = sorted(
+            int(p.name.rsplit("-seed", 1)[1]) for p in RUNS_DIR.glob(f"{run.run_id}-seed*") if p.is_dir()
+        )
+        rows += [row for seed in seeds if (row := measure(run, seed, execute=False)) is not None]
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="abcde", help="groups to run, e.g. 'ab' (default abcde)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
+    parser.add_argument("--match", default="", help="only runs whose id contains this (e.g. 360-av)")
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
     parser.add_argument("--tables", action="store_true", help="only rewrite the tables from runs on disk")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.tables:
-        write_tables(collect(args.seed))
+        write_tables(collect())
         return
-    runs = [r for r in plan() if r.group in args.only]
+    runs = [r for r in plan() if r.group in args.only and args.match in r.run_id]
     if args.list:
         for r in runs:
             print(r.group, r.run_id, " ".join(r.overrides))
         return
     for i, run in enumerate(runs, start=1):
-        start = time.perf_counter()
-        print(f"[{i}/{len(runs)}] {run.group} {run.run_id}", flush=True)
-        try:
-            row = measure(run, args.seed, execute=True)
-        except subprocess.CalledProcessError as err:
-            print(f"    FAILED ({err}); see outputs/real_data/{run.run_id}-seed{args.seed}.log", flush=True)
-            continue
-        write_tables(collect(args.seed))
-        print(
-            f"    UAR {row['uar']:.3f}  macro-F1 {row['macro_f1']:.3f}  acc {row['accuracy']:.3f}  "
-            f"eps {row['epsilon_max']}  ({time.perf_counter() - start:.0f} s under load)",
-            flush=True,
-        )
+        for seed in args.seeds:
+            start = time.perf_counter()
+            print(f"[{i}/{len(runs)}] {run.group} {run.run_id} seed {seed}", flush=True)
+            try:
+                row = measure(run, seed, execute=True)
+            except subprocess.CalledProcessError as err:
+                print(f"    FAILED ({err}); see outputs/real_data/{run.run_id}-seed{seed}.log", flush=True)
+                continue
+            write_tables(collect())
+            print(
+                f"    UAR {row['uar']:.3f}  macro-F1 {row['macro_f1']:.3f}  acc {row['accuracy']:.3f}  "
+                f"eps {row['epsilon_max']}  ({time.perf_counter() - start:.0f} s under load)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

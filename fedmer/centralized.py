@@ -85,7 +85,8 @@ def train_centralized(
     equivalent) and at the end. The result holds the final epoch's ``uar``, ``macro_f1``,
     ``accuracy``, ``loss`` and ``per_class_recall`` (the figures to compare with a federated
     run's final round), ``best_uar`` over the curve (optimistic: chosen on the test set),
-    ``curve`` (epoch, test UAR, train loss), the sample counts and ``wall_s``.
+    ``curve`` (epoch, test UAR, train loss), the sample counts and ``wall_s``. When some test
+    samples lack a modality, ``complete_uar`` is the final UAR on those that have every one.
     """
     epochs = default_epochs(cfg) if epochs is None else epochs
     eval_every = cfg.federation.local_epochs if eval_every is None else eval_every
@@ -110,8 +111,14 @@ def train_centralized(
         log.info(
             "centralised epoch %d/%d: train loss %.4f, held-out UAR %.4f", done, epochs, loss, report["uar"]
         )
+    complete = np.flatnonzero(test.mask.all(axis=1))
+    complete_uar = (
+        evaluate_model(model, test.subset(complete))["uar"] if 0 < len(complete) < len(test) else None
+    )
     return {
         "uar": report["uar"],
+        "complete_uar": complete_uar,
+        "complete_test_samples": len(complete),
         "macro_f1": report["macro_f1"],
         "accuracy": report["accuracy"],
         "loss": report["loss"],

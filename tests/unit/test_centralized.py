@@ -72,6 +72,9 @@ def test_trains_the_planned_budget_and_learns_above_chance(exp) -> None:
     assert result["test_samples"] == len(load_split(exp).test)
     assert result["uar"] > result["chance_uar"] + 0.1  # the synthetic data is learnable
     assert result["curve"][-1]["train_loss"] < result["curve"][0]["train_loss"]
+    complete = int(load_split(exp).test.mask.all(axis=1).sum())
+    assert result["complete_test_samples"] == complete
+    assert (result["complete_uar"] is None) == (complete in (0, result["test_samples"]))
 
 
 def test_is_deterministic_in_the_seed(exp) -> None:
