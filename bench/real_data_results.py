@@ -133,6 +133,14 @@ def plan() -> list[Run]:
         Run("a", "RAVDESS 360 AV clips", "speech+face", "federated", "none", (*AV360, *OFF)),
         Run("a", "RAVDESS 360 AV clips", "speech+face", "centralised", "none", (*AV360, *OFF)),
         Run("a", "RAVDESS 360 AV clips", "face only", "federated", "none", (*FACE, *OFF)),
+        Run(
+            "a",
+            "RAVDESS 360 AV clips",
+            "speech only",
+            "federated",
+            "none",
+            (*AV360, "data.modalities=speech", *OFF),
+        ),
         Run("a", "RAVDESS 1,440 clips", "speech only", "federated", "none", (*AUDIO, *OFF)),
         Run("a", "RAVDESS 1,440 clips", "speech+face (face on 1/4)", "federated", "none", (*AV, *OFF)),
         Run("a", "RAVDESS 360 AV clips", "face only", "federated", "eps 8", (*FACE, *DP8)),
@@ -142,6 +150,12 @@ def plan() -> list[Run]:
         Run("a", "RAVDESS 360 AV clips", "face only", "centralised", "none", (*FACE, *OFF)),
         Run("a", "RAVDESS 1,440 clips", "speech only", "centralised", "none", (*AUDIO, *OFF)),
     ]
+    for setting, base in (
+        ("speech+face", AV360),
+        ("face only", FACE),
+        ("speech only", [*AV360, "data.modalities=speech"]),
+    ):
+        a.append(Run("a", "RAVDESS 360 AV clips", setting, "logistic regression", "none", (*base, *OFF)))
     runs = a
     runs += four("b", "RAVDESS 1,440 clips", "speech+face (face on 1/4)", AV)
     runs += four("c", "Stress-Predict", "physio", STRESS)
@@ -215,19 +229,77 @@ def complete_test_uar(folder: Path) -> float | str:
     return evaluate_model(load_run_model(run), test.subset(complete))["uar"]
 
 
+def compose_experiment(overrides: list[str], folder: Path):
+    """The validated ExperimentConfig of Hydra ``overrides`` (as ``simulations.run`` composes it)."""
+    from hydra import compose, initialize_config_dir
+
+    from simulations.run import CONFIG_DIR, experiment_from_hydra
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="real_data"):
+        return experiment_from_hydra(
+            compose(config_name="config", overrides=[*overrides, f"output.dir='{folder}'"])
+        )
+
+
+def run_logistic_reference(run: Run, seed: int, folder: Path) -> dict:
+    """bench/ravdess_reference.py's L2 softmax regression (l2 0.01) on this run's own split.
+
+    Per clip: speech = mean and std over its frames, face = its 56 numbers (frame 0);
+    standardised on the training clips. Same held-out actors as the federated runs.
+    """
+    out = folder / "reference.json"
+    if not out.exists():
+        import numpy as np
+        import torch
+
+        from fedmer.data.registry import load_split
+        from fedmer.metrics import classification_report
+
+        sys.path.insert(0, str(ROOT / "bench"))
+        from ravdess_reference import fit_predict
+
+        torch.set_num_threads(1)
+        split = load_split(compose_experiment([*run.overrides, f"seed={seed}"], folder))
+
+        def features(data) -> np.ndarray:
+            cols = []
+            for name, (a, b) in zip(data.modalities, data.feature_slices, strict=True):
+                x = data.x[:, :, a:b]
+                cols += [x[:, 0]] if name == "face" else [x.mean(axis=1), x.std(axis=1)]
+            return np.concatenate(cols, axis=1)
+
+        k = split.test.num_classes
+        pred = fit_predict(features(split.train), split.train.y, features(split.test), 1e-2, k)
+        report = classification_report(split.test.y, pred, k)
+        report.update(chance_uar=1.0 / k, train_samples=len(split.train), test_samples=len(split.test))
+        out.write_text(json.dumps(report, indent=1))
+    r = json.loads(out.read_text())
+    return {
+        "uar": r["uar"],
+        "uar_last5": r["uar"],
+        "uar_complete_test": "",
+        "macro_f1": r["macro_f1"],
+        "accuracy": r["accuracy"],
+        "best_uar": r["uar"],
+        "chance_uar": r["chance_uar"],
+        "epsilon_max": "inf",
+        "delta": "",
+        "accountant": "",
+        "unit": "none (no DP)",
+        "budget": "L-BFGS to convergence, l2 0.01 (bench/ravdess_reference.py)",
+        "wall_s_under_load": "",
+    }
+
+
 def run_centralised(run: Run, seed: int, folder: Path) -> dict:
     """The same model without federation or DP on the pooled client data."""
     out = folder / "centralized.json"
     if not out.exists():
         import torch
-        from hydra import compose, initialize_config_dir
 
         from fedmer.centralized import default_epochs, train_centralized
-        from simulations.run import CONFIG_DIR, experiment_from_hydra
 
-        overrides = [*run.overrides, f"seed={seed}", f"output.dir='{folder}'"]
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="centralised"):
-            exp = experiment_from_hydra(compose(config_name="config", overrides=overrides))
+        exp = compose_experiment([*run.overrides, f"seed={seed}"], folder)
         torch.set_num_threads(1)  # as each simulated client does
         log.info("centralised: %s (%d epochs)", " ".join(run.overrides), default_epochs(exp))
         result = train_centralized(exp)
@@ -303,15 +375,19 @@ def write_tables(rows: list[dict]) -> None:
 def measure(run: Run, seed: int, execute: bool) -> dict | None:
     """The CSV row of ``run``: measured now if ``execute``, else read back (None if never run)."""
     folder = RUNS_DIR / f"{run.run_id}-seed{seed}"
-    result_file = folder / ("summary.json" if run.training == "federated" else "centralized.json")
+    result_file = folder / {"federated": "summary.json", "centralised": "centralized.json"}.get(
+        run.training, "reference.json"
+    )
     if not execute and not result_file.exists():
         return None
     folder.mkdir(parents=True, exist_ok=True)
     if run.training == "federated":
         measured = run_federated(run, seed, folder)
         measured["budget"] = "see overrides: num_rounds x local_epochs per client"
-    else:
+    elif run.training == "centralised":
         measured = run_centralised(run, seed, folder)
+    else:
+        measured = run_logistic_reference(run, seed, folder)
     return {
         "group": run.group,
         "dataset": run.dataset,
