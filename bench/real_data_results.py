@@ -63,6 +63,7 @@ FIELDS = [
     "best_uar",
     "chance_uar",
     "epsilon_max",
+    "noise_multiplier",
     "delta",
     "accountant",
     "unit",
@@ -208,11 +209,24 @@ def run_federated(run: Run, seed: int, folder: Path) -> dict:
         "best_uar": s["best_uar"],
         "chance_uar": s["chance_uar"],
         "epsilon_max": final["epsilon_max"],
+        "noise_multiplier": _noise_multipliers(folder),
         "delta": final["delta"],
         "accountant": final["accountant"],
         "unit": priv["unit"],
         "wall_s_under_load": s["wall_time_s"],
     }
+
+
+def _noise_multipliers(folder: Path) -> str:
+    """DP-SGD noise multipliers the clients used (from their privacy ledgers), e.g. "3.61" or "3.2-3.6"."""
+    noise = {
+        round(float(n), 3)
+        for ledger in sorted((folder / "ledgers").glob("client-*.json"))
+        for n in json.loads(ledger.read_text())["entries"]["noise"]
+    }
+    if not noise:
+        return "0 (no DP)"
+    return f"{min(noise):g}" if len(noise) == 1 else f"{min(noise):g}-{max(noise):g}"
 
 
 def complete_test_uar(folder: Path) -> float | str:
@@ -314,6 +328,7 @@ def run_logistic_reference(run: Run, seed: int, folder: Path) -> dict:
         "best_uar": r["uar"],
         "chance_uar": r["chance_uar"],
         "epsilon_max": "inf",
+        "noise_multiplier": "0 (no DP)",
         "delta": "",
         "accountant": "",
         "unit": "none (no DP)",
@@ -346,6 +361,7 @@ def run_centralised(run: Run, seed: int, folder: Path) -> dict:
         "best_uar": r["best_uar"],
         "chance_uar": r["chance_uar"],
         "epsilon_max": "inf",
+        "noise_multiplier": "0 (no DP)",
         "delta": "",
         "accountant": "",
         "unit": "none (no DP)",
@@ -375,8 +391,8 @@ def write_tables(rows: list[dict]) -> None:
         writer.writerows(rows)
     lines = [
         "| group | dataset | setting | training | DP | seeds | UAR | UAR last 5 | UAR, all-modality test "
-        "clips | macro-F1 | acc | chance | max ε (δ) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "clips | macro-F1 | acc | chance | max ε (δ) | noise σ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_run: dict[str, list[dict]] = {}
     for r in rows:
@@ -398,6 +414,7 @@ def write_tables(rows: list[dict]) -> None:
             *(_mean_sd([float(x[key]) for x in same]) for key in ("macro_f1", "accuracy")),
             f"{float(r['chance_uar']):.3f}",
             eps_txt,
+            "; ".join(sorted({str(x["noise_multiplier"]) for x in same})),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     (RESULTS / "real_data_results.md").write_text("\n".join(lines) + "\n")
