@@ -34,9 +34,15 @@ from fedmer.data.ravdess import expected_clip_ids, load_clips, resolve_root
 from fedmer.metrics import classification_report
 
 
-def fit_predict(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, l2: float, classes: int) -> np.ndarray:
-    """Standardise on the training rows, fit softmax regression, predict the test rows."""
-    mean, std = xtr.mean(axis=0), xtr.std(axis=0) + 1e-8
+def fit_predict(
+    xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, l2: float, classes: int, standardise: bool = True
+) -> np.ndarray:
+    """Standardise on the training rows, fit softmax regression, predict the test rows.
+
+    ``standardise=False`` fits the features as given (a diagnostic: the federated model gets
+    no statistics pooled across clients).
+    """
+    mean, std = (xtr.mean(axis=0), xtr.std(axis=0) + 1e-8) if standardise else (0.0, 1.0)
     a = torch.tensor((xtr - mean) / std, dtype=torch.float64)
     b = torch.tensor((xte - mean) / std, dtype=torch.float64)
     target = torch.tensor(ytr)

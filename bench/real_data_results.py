@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import subprocess
@@ -256,33 +257,6 @@ def compose_experiment(overrides: list[str], folder: Path):
         )
 
 
-def _fit_predict_raw(xtr, ytr, xte, l2: float, classes: int):
-    """Diagnostic twin of ravdess_reference.fit_predict WITHOUT its per-feature standardisation.
-
-    The federated model sees the features as the loader gives them (fixed scalings, no statistics
-    pooled across clients); fitting the same regression on those shows how much of the
-    reference's lead comes from standardising with the pooled training clips' mean and std.
-    """
-    import torch
-
-    a, b = torch.tensor(xtr, dtype=torch.float64), torch.tensor(xte, dtype=torch.float64)
-    target = torch.tensor(ytr)
-    model = torch.nn.Linear(a.shape[1], classes, dtype=torch.float64)
-    opt = torch.optim.LBFGS(
-        model.parameters(), max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(a), target) + l2 * model.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return model(b).argmax(dim=1).numpy()
-
-
 def run_logistic_reference(run: Run, seed: int, folder: Path) -> dict:
     """bench/ravdess_reference.py's L2 softmax regression (l2 0.01) on this run's own split.
 
@@ -313,7 +287,7 @@ def run_logistic_reference(run: Run, seed: int, folder: Path) -> dict:
 
         k = split.test.num_classes
         xtr, xte = features(split.train), features(split.test)
-        fit = _fit_predict_raw if run.training.endswith("raw") else fit_predict
+        fit = functools.partial(fit_predict, standardise=not run.training.endswith("raw"))
         pred = fit(xtr, split.train.y, xte, 1e-2, k)
         report = classification_report(split.test.y, pred, k)
         report.update(chance_uar=1.0 / k, train_samples=len(split.train), test_samples=len(split.test))
