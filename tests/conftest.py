@@ -61,3 +61,29 @@ class NodeListGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         raise NotImplementedError
+
+
+def dp_sgd_setup(model, tensors, batch_size: int):  # type: ignore[no-untyped-def]
+    """Opacus ``make_private`` over ``tensors`` (noise 1, clip 1, Poisson sampling), seeded.
+
+    Returns ``(private module, DP optimizer, DP loader)``; the secure-RNG advice is silenced.
+    """
+    import warnings
+
+    import torch
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PrivacyEngine().make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=True,
+        )

@@ -9,14 +9,12 @@ a toy task it must learn. Intensity head and modality dropout get their own chec
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from opacus import GradSampleModule, PrivacyEngine
+from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
-from torch.utils.data import DataLoader, TensorDataset
 
 from fedmer.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig
 from fedmer.data.base import MultimodalDataset
@@ -24,7 +22,7 @@ from fedmer.data.synthetic import INTENSITY_NAMES, generate_synthetic
 from fedmer.models import FUSIONS, MultimodalEmotionNet, build_model, build_model_for
 from fedmer.train import batch_losses, evaluate_model, make_loader, predict, train_epochs
 from simulations.run import experiment_from_hydra
-from tests.conftest import compose
+from tests.conftest import compose, dp_sgd_setup
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
@@ -80,19 +78,7 @@ def test_dp_sgd_step_on_the_full_objective(family: str, dropout: float) -> None:
     """make_private + one Poisson step: every parameter gets a finite grad sample and moves."""
     model = _net(_family(family, modality_dropout=dropout))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loader = DataLoader(TensorDataset(*_batch(n=48)), batch_size=12)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    torch.manual_seed(3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # secure-RNG advice is irrelevant in tests
-        private, optimizer, loader = PrivacyEngine().make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=True,
-        )
+    private, optimizer, loader = dp_sgd_setup(model, _batch(n=48), batch_size=12)
     batch = next(b for b in loader if len(b[2]) > 0)
     optimizer.zero_grad()
     batch_losses(private, batch).mean().backward()

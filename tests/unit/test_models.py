@@ -6,13 +6,11 @@ import dataclasses
 import itertools
 import pickle
 import types
-import warnings
 
 import pytest
 import torch
-from opacus import GradSampleModule, PrivacyEngine
+from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
-from torch.utils.data import DataLoader, TensorDataset
 
 from fedmer import config
 from fedmer.config import ConfigError, ModelConfig
@@ -25,6 +23,7 @@ from fedmer.models import (
     build_model,
     count_parameters,
 )
+from tests.conftest import dp_sgd_setup
 
 # Opacus' hooks on a model whose inputs need no grad: expected, harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -79,20 +78,7 @@ def test_opacus_validator_accepts_model(encoder: str, fusion: str) -> None:
 def test_dp_sgd_step_with_poisson_sampling(encoder: str, fusion: str) -> None:
     model = _model(encoder, fusion)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x, mask, y = _batch(n=32)
-    loader = DataLoader(TensorDataset(x, mask, y), batch_size=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    torch.manual_seed(3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # secure-RNG advice is irrelevant in tests
-        private, optimizer, loader = PrivacyEngine().make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=True,
-        )
+    private, optimizer, loader = dp_sgd_setup(model, _batch(n=32), batch_size=8)
     xb, mb, yb = next(b for b in loader if len(b[2]) > 0)
     optimizer.zero_grad()
     torch.nn.functional.cross_entropy(private(xb, mb), yb).backward()
