@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from flwr.serverapp import Grid
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI included), so a red build is
+# reproducible rather than a dice roll; FEDMER_HYPOTHESIS=explore draws fresh ones.
+settings.register_profile("reproducible", derandomize=True, print_blob=True)
+settings.register_profile("explore", print_blob=True)
+settings.load_profile("explore" if os.environ.get("FEDMER_HYPOTHESIS") == "explore" else "reproducible")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
