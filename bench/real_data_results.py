@@ -129,8 +129,27 @@ TUNING = [
 ]
 
 
+#: data.standardize=federated: per-feature mean/std from the clients' sums (DP under privacy=sample).
+STD = ["data.standardize=federated"]
+
+
+def standardised() -> list[Run]:
+    """Group s: the RAVDESS settings again, with federated feature standardisation."""
+    out = []
+    for dataset, setting, base in (
+        ("RAVDESS 360 AV clips", "speech+face, standardised", AV360),
+        ("RAVDESS 360 AV clips", "face only, standardised", FACE),
+        ("RAVDESS 360 AV clips", "speech only, standardised", [*AV360, "data.modalities=speech"]),
+        ("RAVDESS 1,440 clips", "speech+face (face on 1/4), standardised", AV),
+    ):
+        out.append(Run("s", dataset, setting, "federated", "none", (*base, *STD, *OFF)))
+        out.append(Run("s", dataset, setting, "centralised", "none", (*base, *STD, *OFF)))
+        out.append(Run("s", dataset, setting, "federated", "eps 8", (*base, *STD, *DP8)))
+    return out
+
+
 def plan() -> list[Run]:
-    """Every run, in priority order (groups a..e, then t, m)."""
+    """Every run, in priority order (groups a..e, then t, m, s)."""
     a = [
         Run("a", "RAVDESS 360 AV clips", "speech+face", "federated", "none", (*AV360, *OFF)),
         Run("a", "RAVDESS 360 AV clips", "speech+face", "centralised", "none", (*AV360, *OFF)),
@@ -176,6 +195,7 @@ def plan() -> list[Run]:
             )
         )
     runs += four("m", "MELD", "text, hashed tokens", MELD_TOKENS)
+    runs += standardised()
     unique: dict[str, Run] = {}
     for run in runs:  # a run shared by two groups (e.g. a and b) is measured once, listed first
         unique.setdefault(run.run_id, run)

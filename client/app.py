@@ -25,13 +25,8 @@ from fedmer.models import build_model_for
 from fedmer.privacy.budget import open_budget
 from fedmer.privacy.client_level import client_dp_mod
 from fedmer.privacy.clipping import clip_update
-from fedmer.privacy.engine import (
-    PrivacyHistory,
-    compute_epsilon,
-    make_private,
-    noise_for_target,
-    planned_steps,
-)
+from fedmer.privacy.engine import PrivacyHistory, compute_epsilon, make_private, planned_steps
+from fedmer.standardization import answer_stats_query, dp_sgd_noise, is_stats_query
 from fedmer.train import evaluate_model, make_loader, seed_everything, train_epochs
 
 __all__ = ["app", "experiment_of", "partition_of"]
@@ -73,22 +68,6 @@ def partition_of(context: Context, cfg: ExperimentConfig) -> int:
     return pid
 
 
-@functools.lru_cache(maxsize=64)
-def _noise(target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
-    return noise_for_target(target, delta, rate, steps, accountant)
-
-
-def _noise_multiplier(cfg: ExperimentConfig, num_examples: int) -> float:
-    """The configured noise, or the noise that meets the target epsilon over the whole run."""
-    p, f = cfg.privacy, cfg.federation
-    if p.noise_multiplier is not None:
-        return p.noise_multiplier
-    if math.isinf(p.target_epsilon):
-        return 0.0  # the frontier's right end: DP-SGD's clipping, no noise (epsilon = inf)
-    rate, steps = planned_steps(num_examples, f.batch_size, f.local_epochs, f.num_rounds)
-    return _noise(p.target_epsilon, p.delta, rate, steps, p.accountant)
-
-
 def _model(cfg: ExperimentConfig, data: MultimodalDataset) -> torch.nn.Module:
     return build_model_for(cfg, data)
 
@@ -126,7 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     noise, lifetime = 0.0, math.inf
     trained: torch.nn.Module = model
     if p.sample_level:
-        noise = _noise_multiplier(cfg, len(data))
+        noise = dp_sgd_noise(cfg, len(data))
         rate, steps = planned_steps(len(data), cfg.federation.batch_size, epochs, 1)
         # Checked and written to the node's ledger before training; raises BudgetExceeded.
         lifetime = open_budget(context, cfg, pid, (noise, rate, steps), server_round).epsilon_after
@@ -207,7 +186,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (used for reproducible sampling)."""
+    """Feature sums when asked for them (data.standardize=federated), else this node's partition id.
+
+    The partition id is what the server sorts nodes by, for reproducible sampling.
+    """
+    if is_stats_query(msg):
+        cfg, pid, data = _node(context)
+        return answer_stats_query(msg, context, cfg, pid, data)
     cfg = experiment_of(context)
     pid = partition_of(context, cfg)
     return Message(content=RecordDict({rk.METRICS: MetricRecord({rk.PARTITION_ID: pid})}), reply_to=msg)

@@ -23,6 +23,7 @@ import torch
 
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
+from fedmer.data.feature_stats import exact_feature_stats
 from fedmer.data.registry import load_client_dataset, load_split
 from fedmer.models import build_model_for
 from fedmer.train import evaluate_model, make_loader, seed_everything, train_epochs
@@ -97,6 +98,8 @@ def train_centralized(
     train, test = pooled_training_data(cfg), load_split(cfg).test
     seed = seed_everything(cfg.seed, 0, -1 % 2**31)  # not any client's (seed, round, pid) stream
     model = build_model_for(cfg, train)
+    if model.standardizer is not None:  # a central server holds the data: exact pooled statistics
+        model.standardizer.set_stats(exact_feature_stats(train))
     f = cfg.federation
     optimizer = torch.optim.SGD(model.parameters(), lr=f.lr, momentum=0.9)
     loader = make_loader(train, f.batch_size, seed)

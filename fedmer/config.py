@@ -18,6 +18,7 @@ __all__ = [
     "DATASET_MODALITIES",
     "MODALITIES",
     "SCENARIOS",
+    "STANDARDIZE",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -44,6 +45,8 @@ DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
 }
 AUDIO_FRONTENDS: tuple[str, ...] = ("logmel", "mfcc")
 TEXT_ENCODERS: tuple[str, ...] = ("tokens", "minilm")
+#: Input standardisation: none, or per-feature mean/std from the clients' (DP) sums.
+STANDARDIZE: tuple[str, ...] = ("none", "federated")
 PARTITION_SCHEMES: tuple[str, ...] = ("site", "dirichlet")
 FUSIONS: tuple[str, ...] = ("concat", "attention", "late", "coattention", "transformer", "gated")
 ENCODERS: tuple[str, ...] = ("tcn", "gru", "crnn")
@@ -117,9 +120,11 @@ class DataConfig:
     audio_frontend: str = "logmel"  # RAVDESS speech features: log-mel or MFCC frames
     text_encoder: str = "tokens"  # MELD: trainable token embeddings, or pretrained MiniLM sentence vectors
     complete_only: bool = False  # keep only samples that recorded every selected modality (RAVDESS AV: 360)
+    standardize: str = "none"  # federated: per-feature mean/std from every client's sums before round 1
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
+        _choice("data.standardize", self.standardize, STANDARDIZE)
         _choice("data.audio_frontend", self.audio_frontend, AUDIO_FRONTENDS)
         _choice("data.text_encoder", self.text_encoder, TEXT_ENCODERS)
         if not isinstance(self.complete_only, bool):
@@ -216,6 +221,8 @@ class PrivacyConfig:
     client_noise_multiplier: float | None = 1.0  # client-level DP noise on the aggregate; None = "auto"
     client_clipping: str = "fixed"
     client_clipping_side: str = "server"
+    stats_clip_norm: float = 20.0  # data.standardize=federated under DP-SGD: L2 bound of a sample's stats
+    stats_epsilon_fraction: float = 0.1  # share of target_epsilon the stats release may spend alone
 
     @property
     def sample_level(self) -> bool:
@@ -243,6 +250,10 @@ class PrivacyConfig:
         _positive("privacy.budget_cap", self.budget_cap)
         _choice("privacy.client_clipping", self.client_clipping, CLIENT_CLIPPINGS)
         _choice("privacy.client_clipping_side", self.client_clipping_side, CLIPPING_SIDES)
+        _positive("privacy.stats_clip_norm", self.stats_clip_norm)
+        fraction = self.stats_epsilon_fraction
+        if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+            _fail("privacy.stats_epsilon_fraction", fraction, "expected a fraction in (0, 1)")
         if self.client_level and self.client_noise_multiplier is None:
             if self.client_clipping == "adaptive":
                 _fail(
@@ -359,6 +370,15 @@ class ExperimentConfig:
                 f"FedAvg's aggregation, optionally followed by a server optimizer "
                 f"({', '.join(CLIENT_DP_STRATEGIES)}); robust aggregators (median, trimmed mean, krum, "
                 "bulyan) are not means, so the noise would not bound their sensitivity",
+            )
+        if p.client_level and self.data.standardize != "none":
+            _fail(
+                "data.standardize",
+                self.data.standardize,
+                "federated standardisation is accounted per sample only: Flower's client-level "
+                "wrappers would noise the statistics inside the model every round, and their "
+                "accountant cannot compose the statistics release; use data.standardize=none with "
+                "privacy.mode=client|both, or privacy.mode=sample|off",
             )
         needed = _strategy_min_clients(self.strategy)
         if fed.clients_per_round < needed:

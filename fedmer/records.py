@@ -23,7 +23,15 @@ __all__ = [
     "PARTITION_ID",
     "PRIVACY_STATE",
     "PROXIMAL_MU",
+    "QUERY",
+    "QUERY_FEATURE_STATS",
     "SERVER_ROUND",
+    "STATS",
+    "STATS_CLIP_NORM",
+    "STATS_COUNT",
+    "STATS_NOISE_MULTIPLIER",
+    "STATS_SUM_MEAN",
+    "STATS_SUM_SQUARE",
     "STEPS",
     "TRAIN_LOSS",
     "UPDATE_CLIPPED",
@@ -56,3 +64,13 @@ SERVER_ROUND = "server-round"  # injected by every Flower strategy
 PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
 LR = "lr"
 LOCAL_EPOCHS = "local-epochs"
+
+# Feature-statistics query (data.standardize=federated), sent before round 1
+QUERY = "fedmer.query"  # ConfigRecord key naming what a QUERY message asks for
+QUERY_FEATURE_STATS = "feature-stats"
+STATS = "fedmer.stats"  # ArrayRecord with the released sums
+STATS_SUM_MEAN = "sum_mean"
+STATS_SUM_SQUARE = "sum_square"
+STATS_COUNT = "count"
+STATS_CLIP_NORM = "stats_clip_norm"
+STATS_NOISE_MULTIPLIER = "stats_noise_multiplier"

@@ -22,12 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedmer import records as rk
 from fedmer.config import ExperimentConfig
+from fedmer.data.feature_stats import FEATURE_STATS_JSON
 from fedmer.data.registry import load_client_dataset, load_split
 from fedmer.grid import PartitionOrderedGrid
 from fedmer.models import build_model_for
 from fedmer.plots import plot_learning_curve
 from fedmer.privacy.client_level import client_level_epsilon
 from fedmer.results import RunRecorder
+from fedmer.standardization import collect_feature_stats
 from fedmer.strategies import AccountedStrategy, RoundReport, build_strategy
 from fedmer.train import evaluate_model
 
@@ -35,6 +37,8 @@ __all__ = ["app", "resolve_output_dir", "run_server"]
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+#: How long the server waits for every node to connect before the statistics query.
+STATS_WAIT_S = 300.0
 
 
 def resolve_output_dir(cfg: ExperimentConfig, run_id: int) -> Path:
@@ -99,6 +103,43 @@ def _round_row(
     return row, detail
 
 
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """Node ids once ``wanted`` nodes are connected, or those connected after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < wanted and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    return nodes
+
+
+def _standardize(grid: Grid, cfg: ExperimentConfig, model: torch.nn.Module, out_dir: Path) -> dict[str, Any]:
+    """Federated feature statistics into the global model before round 1 (data.standardize)."""
+    nodes = wait_for_nodes(grid, cfg.federation.num_clients, timeout=STATS_WAIT_S)
+    stats, failures = collect_feature_stats(grid, nodes, model.feature_slices, out_dir)
+    missing = cfg.federation.num_clients - len(stats.clients)
+    if missing > len(failures):
+        failures.append(f"{missing - len(failures)} node(s) not connected within {STATS_WAIT_S:g} s")
+    model.standardizer.set_stats(stats)
+    unit = "none (exact sums)"
+    if stats.noise_multiplier > 0:
+        unit = (
+            f"per sample: noise multiplier {stats.noise_multiplier:.3f}, clip {stats.clip_norm:g}, "
+            f"in each client's epsilon (delta {cfg.privacy.delta:g}, {cfg.privacy.accountant})"
+        )
+    log.info("standardising inputs with statistics from %d client(s); DP: %s", len(stats.clients), unit)
+    return {
+        "feature_stats": {
+            "file": FEATURE_STATS_JSON,
+            "clients": list(stats.clients),
+            "noise_multiplier": stats.noise_multiplier,
+            "clip_norm": None if math.isinf(stats.clip_norm) else stats.clip_norm,
+            "features_at_std_floor": len(stats.floored),
+            "failures": failures,
+        }
+    }
+
+
 def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid``; return the summary (also written to disk)."""
     random.seed(cfg.seed)  # Flower's samplers use the module-level `random`
@@ -118,6 +159,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     model = build_model_for(cfg, split.test)
     strategy: AccountedStrategy = build_strategy(cfg)
     recorder = RunRecorder(out_dir, cfg)
+    ordered = PartitionOrderedGrid(grid)
+    stats_extra = _standardize(ordered, cfg, model, out_dir) if model.standardizer is not None else {}
     t0 = time.monotonic()
     progress = Progress(
         TextColumn("[bold]FedMER[/] round"),
@@ -156,7 +199,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     train_config = ConfigRecord({rk.LR: cfg.federation.lr, rk.LOCAL_EPOCHS: cfg.federation.local_epochs})
     with progress:
         result = strategy.start(
-            grid=PartitionOrderedGrid(grid),
+            grid=ordered,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=cfg.federation.num_rounds,
             train_config=train_config,
@@ -169,6 +212,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
         "clients_refused_total": sum(len(r.refusals) for r in strategy.rounds.values()),
         "chance_uar": 1.0 / split.test.num_classes,
         "class_names": list(split.test.class_names),
+        **stats_extra,
     }
     summary = recorder.finish(final_state, extra)
     plot_learning_curve(

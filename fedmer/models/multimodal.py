@@ -24,6 +24,7 @@ from fedmer.models.encoders import build_encoder
 from fedmer.models.fusion import Fusion, build_fusion
 from fedmer.models.fusion_base import present_of
 from fedmer.models.objectives import AuxObjective, build_aux_objective, intensity_loss
+from fedmer.models.standardizer import InputStandardizer
 
 if TYPE_CHECKING:
     from fedmer.config import ExperimentConfig
@@ -73,6 +74,7 @@ class MultimodalEmotionNet(nn.Module):
         aux: AuxObjective | None = None,
         aux_weight: float = 0.0,
         modality_dropout: float = 0.0,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         if len(encoders) != len(feature_slices):
@@ -94,6 +96,8 @@ class MultimodalEmotionNet(nn.Module):
         self.intensity_weight = float(intensity_weight)
         self.aux_weight = float(aux_weight)
         self.modality_dropout = float(modality_dropout)
+        # data.standardize=federated: (x - mean) / std as the first, untrained layer
+        self.standardizer = InputStandardizer(self.num_features) if standardize else None
 
     @property
     def num_modalities(self) -> int:
@@ -109,6 +113,8 @@ class MultimodalEmotionNet(nn.Module):
         """Per-modality embeddings ``(B, M, H)``; absent modalities encode all-zero input."""
         self._check(x, mask)
         present = present_of(mask)
+        if self.standardizer is not None:
+            x = self.standardizer(x)
         parts = []
         for m, (enc, (a, b)) in enumerate(zip(self.encoders, self.feature_slices, strict=True)):
             xm = x[:, :, a:b]
@@ -180,6 +186,7 @@ def build_model(
     modalities: Sequence[str] | None = None,
     *,
     intensity_classes: int = 0,
+    standardize: bool = False,
 ) -> MultimodalEmotionNet:
     """The configured network for a dataset's ``feature_slices`` and class count.
 
@@ -187,6 +194,7 @@ def build_model(
     (``encoders.MODALITY_ENCODERS``, e.g. text tokens) replace ``cfg.encoder``.
     ``intensity_classes`` (the dataset's intensity levels) is needed iff
     ``cfg.intensity_weight > 0``; prefer :func:`build_model_for`, which reads it from the data.
+    ``standardize`` adds an :class:`InputStandardizer` (identity until its statistics are set).
     Unknown names raise :class:`fedmer.config.ConfigError` listing the valid ones.
     Initialisation draws from torch's global RNG: seed it for identical models.
     """
@@ -222,6 +230,7 @@ def build_model(
         aux=aux,
         aux_weight=float(cfg.aux_weight),
         modality_dropout=float(cfg.modality_dropout),
+        standardize=standardize,
     )
     logger.info(
         "model %s/%s (aux %s, intensity levels %d): %d modalities, hidden=%d, %d classes, %d parameters",
@@ -255,4 +264,5 @@ def build_model_for(cfg: ExperimentConfig, data: MultimodalDataset) -> Multimoda
         data.num_classes,
         data.modalities,
         intensity_classes=len(data.intensity_names),
+        standardize=cfg.data.standardize != "none",
     )

@@ -26,9 +26,11 @@ from torch import nn
 
 from fedmer.config import ExperimentConfig
 from fedmer.data.base import MultimodalDataset
+from fedmer.data.feature_stats import exact_feature_stats
 from fedmer.models import build_model_for
-from fedmer.privacy.engine import PrivacyHistory, make_private, noise_for_target, planned_steps
+from fedmer.privacy.engine import PrivacyHistory, make_private, planned_steps
 from fedmer.privacy.roc import AttackResult
+from fedmer.standardization import dp_sgd_noise
 from fedmer.train import make_loader, seed_everything, train_epochs
 
 __all__ = [
@@ -97,13 +99,9 @@ def concat(a: MultimodalDataset, b: MultimodalDataset) -> MultimodalDataset:
 
 def run_noise_multiplier(cfg: ExperimentConfig, client_size: int) -> float:
     """The DP-SGD noise a client of ``client_size`` sequences used in this run (0 if non-private)."""
-    p, f = cfg.privacy, cfg.federation
-    if p.mode != "sample":
+    if cfg.privacy.mode != "sample":
         return 0.0
-    if p.noise_multiplier is not None:
-        return float(p.noise_multiplier)
-    rate, steps = planned_steps(client_size, f.batch_size, f.local_epochs, f.num_rounds)
-    return noise_for_target(p.target_epsilon, p.delta, rate, steps, p.accountant)
+    return float(dp_sgd_noise(cfg, client_size))  # the ClientApp's own derivation
 
 
 def run_steps(cfg: ExperimentConfig, client_size: int) -> int:
@@ -123,6 +121,8 @@ def train_like_run(
     """
     seed_everything(cfg.seed, seed)
     model = build_model_for(cfg, data)
+    if model.standardizer is not None:  # as the run did, from its own training data (exact here)
+        model.standardizer.set_stats(exact_feature_stats(data))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.federation.lr, momentum=0.9)
     loader = make_loader(data, cfg.federation.batch_size, seed)
     epochs = max(1, round(steps / len(loader)))

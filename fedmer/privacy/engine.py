@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ __all__ = [
     "DPSetup",
     "PrivacyHistory",
     "compute_epsilon",
+    "gaussian_release_noise",
     "make_private",
     "noise_for_target",
     "planned_steps",
@@ -88,13 +89,58 @@ def planned_steps(
 
 
 def noise_for_target(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    prior: Sequence[HistoryEntry] = (),
 ) -> float:
-    """Smallest noise multiplier whose epsilon after ``steps`` stays within the target."""
+    """Smallest noise multiplier whose epsilon after ``steps`` stays within the target.
+
+    ``prior`` are releases the same run makes before DP-SGD (e.g. the feature-statistics
+    release): the noise is then chosen so that prior plus DP-SGD meet the target together.
+    """
     with warnings.catch_warnings():
         # The bisection probes extreme noise levels where Opacus warns about its alpha range.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return _search_noise(target_epsilon, delta, sample_rate, steps, accountant)
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        if not prior:
+            return _search_noise(target_epsilon, delta, sample_rate, steps, accountant)
+        base = PrivacyHistory().extended(prior)
+        if compute_epsilon(base, delta, accountant) >= target_epsilon:
+            raise ValueError(
+                f"the releases before training already spend epsilon >= {target_epsilon:g} "
+                f"(delta {delta:g}): no DP-SGD noise can meet the target"
+            )
+
+        def epsilon(sigma: float) -> float:
+            return compute_epsilon(base.extended([(sigma, sample_rate, steps)]), delta, accountant)
+
+        return _bisect_noise(epsilon, target_epsilon)
+
+
+def gaussian_release_noise(target_epsilon: float, delta: float, accountant: str = "rdp") -> float:
+    """Smallest noise multiplier of one Gaussian release (sampling rate 1) within ``target_epsilon``."""
+    if math.isinf(target_epsilon):
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        return _bisect_noise(
+            lambda s: compute_epsilon(PrivacyHistory(((s, 1.0, 1),)), delta, accountant), target_epsilon
+        )
+
+
+def _bisect_noise(epsilon: Callable[[float], float], target: float) -> float:
+    """Smallest sigma (to 0.1 %) with ``epsilon(sigma) <= target``; epsilon falls with sigma."""
+    lo, hi = 1e-2, 1.0
+    while epsilon(hi) > target:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target:g}")
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if epsilon(mid) > target else (lo, mid)
+    return hi
 
 
 def _search_noise(
