@@ -129,22 +129,36 @@ TUNING = [
 ]
 
 
-#: data.standardize=federated: per-feature mean/std from the clients' sums (DP under privacy=sample).
+#: data.standardize=federated: per-feature statistics from the clients' sums (DP under privacy=sample).
 STD = ["data.standardize=federated"]
+#: Per-clip functionals (mean and std over frames) per modality, concat fusion, standardised.
+FUNC = ["model=functionals", *STD]
 
 
 def standardised() -> list[Run]:
-    """Group s: the RAVDESS settings again, with federated feature standardisation."""
-    out = []
+    """Group s: federated standardisation, alone (TCN) and with the per-clip functionals model."""
+    face, speech = ["data.modalities=face"], ["data.modalities=speech"]
+    out = [
+        Run(
+            "s",
+            "RAVDESS 360 AV clips",
+            "speech+face, TCN, standardised",
+            "federated",
+            "none",
+            (*AV360, *STD, *OFF),
+        )
+    ]
     for dataset, setting, base in (
-        ("RAVDESS 360 AV clips", "speech+face, standardised", AV360),
-        ("RAVDESS 360 AV clips", "face only, standardised", FACE),
-        ("RAVDESS 360 AV clips", "speech only, standardised", [*AV360, "data.modalities=speech"]),
-        ("RAVDESS 1,440 clips", "speech+face (face on 1/4), standardised", AV),
+        ("RAVDESS 360 AV clips", "speech+face, functionals", [*AV360, *FUNC]),
+        ("RAVDESS 360 AV clips", "face only, functionals", [*AV360, *face, *FUNC]),
+        ("RAVDESS 360 AV clips", "speech only, functionals", [*AV360, *speech, *FUNC]),
+        ("RAVDESS 1,440 clips", "speech+face (face on 1/4), functionals", [*AV, *FUNC]),
+        ("RAVDESS 1,440 clips", "speech only, functionals", [*AUDIO, *FUNC]),
     ):
-        out.append(Run("s", dataset, setting, "federated", "none", (*base, *STD, *OFF)))
-        out.append(Run("s", dataset, setting, "centralised", "none", (*base, *STD, *OFF)))
-        out.append(Run("s", dataset, setting, "federated", "eps 8", (*base, *STD, *DP8)))
+        out.append(Run("s", dataset, setting, "federated", "none", (*base, *OFF)))
+        out.append(Run("s", dataset, setting, "centralised", "none", (*base, *OFF)))
+        out.append(Run("s", dataset, setting, "federated", "eps 8", (*base, *DP8)))
+        out.append(Run("s", dataset, setting, "federated", "eps 1", (*base, *DP1)))
     return out
 
 

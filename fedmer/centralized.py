@@ -99,7 +99,7 @@ def train_centralized(
     seed = seed_everything(cfg.seed, 0, -1 % 2**31)  # not any client's (seed, round, pid) stream
     model = build_model_for(cfg, train)
     if model.standardizer is not None:  # a central server holds the data: exact pooled statistics
-        model.standardizer.set_stats(exact_feature_stats(train))
+        model.set_feature_stats(exact_feature_stats(train))
     f = cfg.federation
     optimizer = torch.optim.SGD(model.parameters(), lr=f.lr, momentum=0.9)
     loader = make_loader(train, f.batch_size, seed)

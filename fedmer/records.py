@@ -30,8 +30,7 @@ __all__ = [
     "STATS_CLIP_NORM",
     "STATS_COUNT",
     "STATS_NOISE_MULTIPLIER",
-    "STATS_SUM_MEAN",
-    "STATS_SUM_SQUARE",
+    "STATS_SUMS",
     "STEPS",
     "TRAIN_LOSS",
     "UPDATE_CLIPPED",
@@ -69,8 +68,7 @@ LOCAL_EPOCHS = "local-epochs"
 QUERY = "fedmer.query"  # ConfigRecord key naming what a QUERY message asks for
 QUERY_FEATURE_STATS = "feature-stats"
 STATS = "fedmer.stats"  # ArrayRecord with the released sums
-STATS_SUM_MEAN = "sum_mean"
-STATS_SUM_SQUARE = "sum_square"
+STATS_SUMS = ("sum_mean", "sum_mean_sq", "sum_std", "sum_std_sq")  # the StatsRelease field names
 STATS_COUNT = "count"
 STATS_CLIP_NORM = "stats_clip_norm"
 STATS_NOISE_MULTIPLIER = "stats_noise_multiplier"

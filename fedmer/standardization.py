@@ -128,13 +128,8 @@ def answer_stats_query(
         clip,
         release.clipped,
     )
-    arrays = ArrayRecord(
-        {
-            rk.STATS_SUM_MEAN: torch.from_numpy(release.sum_mean),
-            rk.STATS_SUM_SQUARE: torch.from_numpy(release.sum_square),
-            rk.STATS_COUNT: torch.from_numpy(release.count),
-        }
-    )
+    sums = {key: torch.from_numpy(getattr(release, key)) for key in rk.STATS_SUMS}
+    arrays = ArrayRecord({**sums, rk.STATS_COUNT: torch.from_numpy(release.count)})
     metrics = MetricRecord(
         {
             rk.PARTITION_ID: pid,
@@ -150,8 +145,7 @@ def _release_of(reply: Message) -> StatsRelease:
     metrics = reply.content[rk.METRICS]
     clip = float(metrics[rk.STATS_CLIP_NORM])
     return StatsRelease(
-        sum_mean=arrays[rk.STATS_SUM_MEAN].numpy(),
-        sum_square=arrays[rk.STATS_SUM_SQUARE].numpy(),
+        **{key: arrays[key].numpy() for key in rk.STATS_SUMS},
         count=arrays[rk.STATS_COUNT].numpy(),
         clip_norm=math.inf if clip < 0 else clip,
         noise_multiplier=float(metrics[rk.STATS_NOISE_MULTIPLIER]),

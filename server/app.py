@@ -120,7 +120,7 @@ def _standardize(grid: Grid, cfg: ExperimentConfig, model: torch.nn.Module, out_
     missing = cfg.federation.num_clients - len(stats.clients)
     if missing > len(failures):
         failures.append(f"{missing - len(failures)} node(s) not connected within {STATS_WAIT_S:g} s")
-    model.standardizer.set_stats(stats)
+    model.set_feature_stats(stats)
     unit = "none (exact sums)"
     if stats.noise_multiplier > 0:
         unit = (

@@ -1,24 +1,27 @@
-"""Federated feature standardisation: per-feature mean and std from every client's sums.
+"""Federated feature standardisation: per-feature statistics from every client's sums.
 
-A centralised model standardises each input feature with the training set's mean and std;
-a federation cannot pool the data, but it can pool *sums*. Each client releases, once
-before round 1, the sum over its samples of ``u_i = [xbar_i, qbar_i, c * present_i]``:
-``xbar_i`` and ``qbar_i`` are the sample's per-feature means of ``x`` and ``x**2`` over its
-frames, ``present_i`` its modality mask, ``c = C / sqrt(M)``. The server adds the clients'
-vectors and reads off, per feature, ``mean = sum(xbar) / n`` and
-``var = sum(qbar) / n - mean**2`` where ``n`` counts the samples that recorded the
-feature's modality (absent modalities are zero columns and count for nothing).
+A centralised model standardises its inputs with statistics of the pooled training set; a
+federation cannot pool the data, but it can pool *sums*. Each client releases, once before
+round 1, the sum over its samples of ``u_i = [m_i, m_i**2, s_i, s_i**2, c * present_i]``:
+``m_i`` and ``s_i`` are the sample's per-feature mean and std over its frames, ``present_i``
+its modality mask, ``c = C / sqrt(M)``. From the summed vectors the server reads, per
+feature, with ``n`` the samples that recorded the feature's modality (absent modalities
+count for nothing):
 
-**Without DP** the sums are exact and so are the statistics (those of the pooled training
-frames, as a centralised standardiser would compute them).
+* the **frame** mean and std (what :class:`~fedmer.models.standardizer.InputStandardizer`
+  uses): ``mean = sum m / n``, ``var = (sum m**2 + sum s**2) / n - mean**2``;
+* the **functional** statistics (what a per-clip model such as
+  :class:`~fedmer.models.encoders.FunctionalsEncoder` standardises its per-clip mean and
+  std with): the across-sample std of ``m`` and the across-sample mean and std of ``s``.
 
-**Under sample-level DP** it is a Gaussian mechanism: ``[xbar_i, qbar_i]`` is scaled to
-L2 norm at most ``C`` (``privacy.stats_clip_norm``), so one sample moves ``sum u_i`` by at
-most ``sqrt(2) C`` (add/remove-one), and the client adds ``N(0, (sigma sqrt(2) C)^2)`` to
-every coordinate: one release with noise multiplier ``sigma`` and sampling rate 1, which the
-node's ledger and accountant compose with its DP-SGD steps. Noisy statistics are made safe
-to divide by: a feature's std is floored at twice the noise's std on its mean (its
-estimate is not trusted below that), and a count that noise drove below 1 is read as 1.
+**Without DP** the sums are exact and so are the statistics. **Under sample-level DP** it is
+a Gaussian mechanism: ``[m_i, m_i**2, s_i, s_i**2]`` is scaled to L2 norm at most ``C``
+(``privacy.stats_clip_norm``), so one sample moves ``sum u_i`` by at most ``sqrt(2) C``
+(add/remove-one), and the client adds ``N(0, (sigma sqrt(2) C)^2)`` to every coordinate:
+one release with noise multiplier ``sigma`` and sampling rate 1, which the node's ledger and
+accountant compose with its DP-SGD steps. Noisy statistics are made safe to divide by: each
+std is floored at twice the noise's std on a per-feature average (its estimate is not
+trusted below that), and a count that noise drove below 1 is read as 1.
 """
 
 from __future__ import annotations
@@ -51,14 +54,17 @@ log = logging.getLogger(__name__)
 FEATURE_STATS_JSON = "feature_stats.json"
 #: A std below this (a constant feature) is replaced by 1: dividing would only amplify noise.
 MIN_STD = 1e-6
+_SUMS = ("sum_mean", "sum_mean_sq", "sum_std", "sum_std_sq")
 
 
 @dataclass(frozen=True)
 class StatsRelease:
     """What one client sends: the (possibly noised) sums and how they were protected."""
 
-    sum_mean: np.ndarray  # (F,) sum over samples of each feature's per-sample frame mean
-    sum_square: np.ndarray  # (F,) same for the square
+    sum_mean: np.ndarray  # (F,) sum over samples of each feature's per-sample frame mean m_i
+    sum_mean_sq: np.ndarray  # (F,) sum of m_i ** 2
+    sum_std: np.ndarray  # (F,) sum of the per-sample frame std s_i
+    sum_std_sq: np.ndarray  # (F,) sum of s_i ** 2
     count: np.ndarray  # (M,) samples that recorded each modality, times c = C / sqrt(M)
     clip_norm: float  # C; inf = not clipped (no DP)
     noise_multiplier: float  # sigma; noise std on every coordinate is sigma * sqrt(2) * C
@@ -75,25 +81,43 @@ class StatsRelease:
             return 0.0
         return self.noise_multiplier * math.sqrt(2.0) * self.clip_norm
 
+    def vector(self) -> np.ndarray:
+        """Everything released, as one vector (the Gaussian mechanism's output)."""
+        return np.concatenate([self.sum_mean, self.sum_mean_sq, self.sum_std, self.sum_std_sq, self.count])
+
+
+_TUPLES = ("mean", "std", "mean_sd", "std_mean", "std_sd", "count")
+
 
 @dataclass(frozen=True)
 class FeatureStats:
-    """Per-feature shift and scale for the model's input, plus how they were obtained."""
+    """Per-feature statistics of the training data (frame level and per-sample functionals)."""
 
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...]  # frame mean
+    std: tuple[float, ...]  # frame std
+    mean_sd: tuple[float, ...]  # across-sample std of the per-sample mean
+    std_mean: tuple[float, ...]  # across-sample mean of the per-sample std
+    std_sd: tuple[float, ...]  # across-sample std of the per-sample std
     count: tuple[float, ...]  # per modality, as estimated (noisy under DP)
     clients: tuple[int, ...] = ()  # partitions whose release was used
     noise_multiplier: float = 0.0
     clip_norm: float = math.inf
-    floored: tuple[int, ...] = field(default=())  # features whose std was floored or set to 1
+    floored: tuple[int, ...] = field(default=())  # features whose frame std was floored or set to 1
 
     def __post_init__(self) -> None:
-        if len(self.mean) != len(self.std):
-            raise ValueError(f"{len(self.mean)} means for {len(self.std)} stds")
-        bad = [i for i, s in enumerate(self.std) if not (math.isfinite(s) and s > 0)]
-        if bad or not all(math.isfinite(m) for m in self.mean):
-            raise ValueError(f"feature statistics must be finite with std > 0; bad features {bad[:10]}")
+        f = len(self.mean)
+        if any(len(getattr(self, k)) != f for k in _TUPLES[1:5]):
+            raise ValueError(
+                f"feature statistics of unequal lengths: {[len(getattr(self, k)) for k in _TUPLES]}"
+            )
+        for key in ("std", "mean_sd", "std_sd"):
+            bad = [i for i, v in enumerate(getattr(self, key)) if not (math.isfinite(v) and v > 0)]
+            if bad:
+                raise ValueError(
+                    f"feature statistics must have {key} > 0 and finite; bad features {bad[:10]}"
+                )
+        if not all(math.isfinite(v) for k in ("mean", "std_mean") for v in getattr(self, k)):
+            raise ValueError("feature statistics must be finite")
 
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
@@ -102,9 +126,8 @@ class FeatureStats:
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> FeatureStats:
-        fields = {k: payload[k] for k in ("mean", "std", "count")}
         return cls(
-            **{k: tuple(float(v) for v in fields[k]) for k in fields},
+            **{k: tuple(float(v) for v in payload[k]) for k in _TUPLES},
             clients=tuple(int(c) for c in payload.get("clients", ())),
             noise_multiplier=float(payload.get("noise_multiplier", 0.0)),
             clip_norm=float(payload.get("clip_norm", "inf")),
@@ -137,7 +160,10 @@ def local_release(
     if noise_multiplier > 0 and not (0 < clip_norm < math.inf):
         raise ValueError(f"invalid clip_norm={clip_norm!r}: a noised release needs a finite C > 0")
     x = data.x.astype(np.float64)
-    v = np.concatenate([x.mean(axis=1), (x**2).mean(axis=1)], axis=1)  # (N, 2F)
+    for m, (a, b) in enumerate(data.feature_slices):  # an absent modality contributes nothing
+        x[~data.mask[:, m], :, a:b] = 0.0
+    mean, std = x.mean(axis=1), x.std(axis=1)
+    v = np.concatenate([mean, mean**2, std, std**2], axis=1)  # (N, 4F)
     clipped = 0
     if math.isfinite(clip_norm):
         norms = np.linalg.norm(v, axis=1)
@@ -146,9 +172,12 @@ def local_release(
         v = v * factor[:, None]
     f, m = x.shape[-1], data.mask.shape[1]
     scale = 1.0 if math.isinf(clip_norm) else clip_norm / math.sqrt(m)
+    sums = v.sum(axis=0)
     release = StatsRelease(
-        sum_mean=v[:, :f].sum(axis=0),
-        sum_square=v[:, f:].sum(axis=0),
+        sum_mean=sums[:f],
+        sum_mean_sq=sums[f : 2 * f],
+        sum_std=sums[2 * f : 3 * f],
+        sum_std_sq=sums[3 * f :],
         count=data.mask.astype(np.float64).sum(axis=0) * scale,
         clip_norm=float(clip_norm),
         noise_multiplier=float(noise_multiplier),
@@ -156,12 +185,14 @@ def local_release(
     )
     if noise_multiplier == 0.0:
         return release
-    std = release.noise_std
+    std_noise = release.noise_std
     return dataclasses.replace(
         release,
-        sum_mean=release.sum_mean + rng.normal(0.0, std, f),
-        sum_square=release.sum_square + rng.normal(0.0, std, f),
-        count=release.count + rng.normal(0.0, std, m),
+        sum_mean=release.sum_mean + rng.normal(0.0, std_noise, f),
+        sum_mean_sq=release.sum_mean_sq + rng.normal(0.0, std_noise, f),
+        sum_std=release.sum_std + rng.normal(0.0, std_noise, f),
+        sum_std_sq=release.sum_std_sq + rng.normal(0.0, std_noise, f),
+        count=release.count + rng.normal(0.0, std_noise, m),
     )
 
 
@@ -177,26 +208,40 @@ def combine_releases(
         raise ValueError(
             f"clients released statistics with different settings or shapes: {sorted(map(str, kinds))}"
         )
-    s1 = sum(r.sum_mean for r in releases.values())
-    s2 = sum(r.sum_square for r in releases.values())
+    total = {k: sum(getattr(r, k) for r in releases.values()) for k in _SUMS}
     counts = sum(r.count for r in releases.values()) / first.count_scale
-    owner = np.full(len(s1), -1, dtype=np.int64)
+    owner = np.full(len(total["sum_mean"]), -1, dtype=np.int64)
     for m, (a, b) in enumerate(feature_slices):
         owner[a:b] = m
-    n = np.where(owner >= 0, np.maximum(counts[np.maximum(owner, 0)], 1.0), 1.0)
-    mean = np.where(owner >= 0, s1 / n, 0.0)
-    var = np.where(owner >= 0, s2 / n - mean**2, 1.0)
-    noise_sd_of_mean = first.noise_std * math.sqrt(len(releases)) / n  # per feature
-    floor = np.maximum(2.0 * noise_sd_of_mean, MIN_STD)
-    std = np.sqrt(np.maximum(var, 0.0))
-    floored = np.flatnonzero(std < floor)
-    std = np.where(std < floor, np.where(first.noise_std > 0, floor, 1.0), std)
+    inside = owner >= 0
+    n = np.where(inside, np.maximum(counts[np.maximum(owner, 0)], 1.0), 1.0)
+    avg = {k: np.where(inside, v / n, 0.0) for k, v in total.items()}
+    mean, std_mean = avg["sum_mean"], avg["sum_std"]
+    frame_var = avg["sum_mean_sq"] + avg["sum_std_sq"] - mean**2
+    noise_sd = first.noise_std * math.sqrt(len(releases)) / n  # of each per-feature average
+    floor = np.maximum(2.0 * noise_sd, MIN_STD)
+
+    def safe_std(var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sd = np.sqrt(np.maximum(np.where(inside, var, 1.0), 0.0))
+        low = sd < floor
+        return np.where(low, floor if first.noise_std > 0 else 1.0, sd), np.flatnonzero(low)
+
+    std, floored = safe_std(frame_var)
+    mean_sd, _ = safe_std(avg["sum_mean_sq"] - mean**2)
+    std_sd, _ = safe_std(avg["sum_std_sq"] - std_mean**2)
     if len(floored):
         log.info("feature statistics: %d of %d features have std at the floor", len(floored), len(std))
+
+    def tup(a: np.ndarray) -> tuple[float, ...]:
+        return tuple(float(v) for v in a)
+
     return FeatureStats(
-        mean=tuple(float(v) for v in mean),
-        std=tuple(float(v) for v in std),
-        count=tuple(float(c) for c in counts),
+        mean=tup(mean),
+        std=tup(std),
+        mean_sd=tup(mean_sd),
+        std_mean=tup(std_mean),
+        std_sd=tup(std_sd),
+        count=tup(counts),
         clients=tuple(sorted(releases)),
         noise_multiplier=first.noise_multiplier,
         clip_norm=first.clip_norm,

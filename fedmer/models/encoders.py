@@ -25,6 +25,7 @@ __all__ = [
     "MODALITY_ENCODERS",
     "AttentivePool",
     "CRNNEncoder",
+    "FunctionalsEncoder",
     "GRUEncoder",
     "TCNEncoder",
     "build_encoder",
@@ -193,6 +194,43 @@ class CRNNEncoder(nn.Module):
         return h_n[-1]
 
 
+class FunctionalsEncoder(nn.Module):
+    """Per-sequence functionals (mean and std of each feature over time), then a linear map.
+
+    The utterance-level "functionals" of speech emotion recognition (openSMILE, eGeMAPS):
+    order-free statistics of the frames, the inputs of the classic per-clip logistic-regression
+    and SVM baselines. Few parameters (``2 F_m x H``), so DP-SGD's noise per weight stays small.
+    The functionals are standardised by ``(f - shift) * scale`` (persistent buffers, identity
+    until :meth:`set_functional_stats`; data.standardize=federated sets them from the
+    clients' released sums). The std carries ``+1e-6`` under its root: a feature constant
+    over a clip (RAVDESS' face numbers) would otherwise have an infinite gradient at std 0.
+    """
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(2 * in_dim))
+        self.register_buffer("scale", torch.ones(2 * in_dim))
+        self.proj = nn.Linear(2 * in_dim, hidden)
+        self.act = nn.ReLU()
+
+    def set_functional_stats(self, shift: Tensor, scale: Tensor) -> None:
+        """Standardise ``[mean, std]`` functionals with these ``(2 F_m,)`` vectors from now on."""
+        if shift.shape != self.shift.shape or scale.shape != self.scale.shape:
+            raise ValueError(
+                f"functional statistics of shape {tuple(shift.shape)}, expected {tuple(self.shift.shape)}"
+            )
+        with torch.no_grad():
+            self.shift.copy_(shift)
+            self.scale.copy_(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``(B, T, F_m)`` -> ``(B, H)``."""
+        mean = x.mean(dim=1)
+        std = torch.sqrt(x.var(dim=1, unbiased=False) + 1e-6)
+        features = (torch.cat([mean, std], dim=-1) - self.shift) * self.scale
+        return self.act(self.proj(features))
+
+
 EncoderFactory = Callable[[int, int], nn.Module]
 
 #: name -> factory ``(in_dim, hidden) -> module mapping (B, T, in_dim) to (B, hidden)``.
@@ -200,6 +238,7 @@ ENCODERS: dict[str, EncoderFactory] = {
     "tcn": TCNEncoder,
     "gru": GRUEncoder,
     "crnn": CRNNEncoder,
+    "functionals": FunctionalsEncoder,
 }
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedmer.config import ConfigError, ModelConfig
+from fedmer.data.feature_stats import FeatureStats
 from fedmer.models.encoders import build_encoder
 from fedmer.models.fusion import Fusion, build_fusion
 from fedmer.models.fusion_base import present_of
@@ -98,6 +99,30 @@ class MultimodalEmotionNet(nn.Module):
         self.modality_dropout = float(modality_dropout)
         # data.standardize=federated: (x - mean) / std as the first, untrained layer
         self.standardizer = InputStandardizer(self.num_features) if standardize else None
+
+    def set_feature_stats(self, stats: FeatureStats) -> None:
+        """Standardise inputs (and per-clip functionals, for encoders that have them) with ``stats``.
+
+        Encoders see standardised frames, so their functional statistics are handed over in
+        those units: for ``z = (x - mean) / std`` the per-sample mean has across-sample std
+        ``mean_sd / std`` (and mean 0), the per-sample std has mean ``std_mean / std`` and
+        std ``std_sd / std``.
+        """
+        if self.standardizer is None:
+            raise ValueError("this model was built without an input standardiser (data.standardize=none)")
+        self.standardizer.set_stats(stats)
+        frame_std = torch.tensor(stats.std, dtype=torch.float32)
+        for enc, (a, b) in zip(self.encoders, self.feature_slices, strict=True):
+            if not hasattr(enc, "set_functional_stats"):
+                continue
+            sd = frame_std[a:b]
+            mean_sd, std_mean, std_sd = (
+                torch.tensor(getattr(stats, k)[a:b], dtype=torch.float32)
+                for k in ("mean_sd", "std_mean", "std_sd")
+            )
+            shift = torch.cat([torch.zeros(b - a), std_mean / sd])
+            scale = torch.cat([sd / mean_sd, sd / std_sd])
+            enc.set_functional_stats(shift, scale)
 
     @property
     def num_modalities(self) -> int:

@@ -122,7 +122,7 @@ def train_like_run(
     seed_everything(cfg.seed, seed)
     model = build_model_for(cfg, data)
     if model.standardizer is not None:  # as the run did, from its own training data (exact here)
-        model.standardizer.set_stats(exact_feature_stats(data))
+        model.set_feature_stats(exact_feature_stats(data))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.federation.lr, momentum=0.9)
     loader = make_loader(data, cfg.federation.batch_size, seed)
     epochs = max(1, round(steps / len(loader)))

@@ -188,3 +188,36 @@ def test_hydra_multirun_sweep_writes_one_run_per_job(tmp_path: Path) -> None:
     text = (tmp_path / "report.md").read_text()
     assert "| synthetic driving | sample | fedavg | 8 | 2 |" in text
     assert (tmp_path / "uar_vs_epsilon.png").stat().st_size > 0
+
+
+def test_federated_standardisation_is_released_accounted_and_carried_by_the_model(tmp_path: Path) -> None:
+    """data.standardize=federated in a real simulation: every node releases once (ledger round 0),
+    the server writes the statistics and the final model standardises with exactly them."""
+    import torch
+
+    from fedmer.data.feature_stats import read_feature_stats
+    from fedmer.privacy.engine import PrivacyHistory, compute_epsilon
+
+    proc = _run_cli(tmp_path, "data.standardize=federated", "model.encoder=functionals", "seed=5")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    released = summary["feature_stats"]
+    assert released["clients"] == [0, 1, 2] and released["failures"] == []
+    sigma = released["noise_multiplier"]
+    assert sigma > 0 and released["clip_norm"] == 20.0
+    stats = read_feature_stats(tmp_path / "feature_stats.json")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.testing.assert_close(state["standardizer.shift"], torch.tensor(stats.mean, dtype=torch.float32))
+    torch.testing.assert_close(state["standardizer.scale"], 1 / torch.tensor(stats.std, dtype=torch.float32))
+    last = _rows(tmp_path)[-1]
+    for pid in range(3):
+        ledger = json.loads((tmp_path / "ledgers" / f"client-{pid}.json").read_text())["entries"]
+        assert (ledger["noise"][0], ledger["rate"][0], ledger["steps"][0], ledger["round"][0]) == (
+            sigma,
+            1.0,
+            1,
+            0,
+        )
+        history = PrivacyHistory(tuple(zip(ledger["noise"], ledger["rate"], ledger["steps"], strict=True)))
+        spent = compute_epsilon(history, 1e-5)
+        assert spent <= 8.0 and last["client_epsilons"][str(pid)] == pytest.approx(spent)

@@ -187,3 +187,18 @@ def test_rdp_property_matches_dp_accounting(rate: float, noise: float, steps: in
 )
 def test_rdp_property_multi_segment(segments: list[HistoryEntry], delta: float) -> None:
     _check_rdp(tuple(segments), delta)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.5, 5.0])
+def test_the_statistics_release_is_a_plain_gaussian_to_dp_accounting(sigma: float) -> None:
+    """data.standardize=federated spends one unsampled Gaussian release, entry (sigma, 1.0, 1)."""
+    plain = RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    plain.compose(GaussianDpEvent(sigma))
+    ours = compute_epsilon(PrivacyHistory(((sigma, 1.0, 1),)), DELTAS[0], "rdp")
+    assert ours == pytest.approx(plain.get_epsilon(DELTAS[0]), rel=1e-9)  # closed form alpha / (2 sigma^2)
+    pld = PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+    pld.compose(GaussianDpEvent(sigma))
+    prv = compute_epsilon(PrivacyHistory(((sigma, 1.0, 1),)), DELTAS[0], "prv")
+    assert -PLD_SLACK <= prv - pld.get_epsilon(DELTAS[0]) <= PRV_ATOL
+    # composed with a run's DP-SGD, as every client's reported epsilon is
+    _check_rdp(((sigma, 1.0, 1), (1.0, 0.2, 50)), DELTAS[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -160,3 +161,67 @@ def test_ledger_carries_spend_across_runs_and_enforces_the_cap(tmp_path) -> None
     with pytest.raises(BudgetExceeded, match="privacy budget exceeded: node 'client-0' would reach"):
         train(_train_msg(state, 1), _context(run_id=103, ledger=ledger, flat=capped))
     assert read_ledger(ledger).spent() == pytest.approx(on_disk.spent())  # refusal spent nothing
+
+
+def _stats_query() -> Message:
+    config = ConfigRecord({rk.QUERY: rk.QUERY_FEATURE_STATS})
+    return Message(RecordDict({rk.CONFIG: config}), dst_node_id=1, message_type=MessageType.QUERY)
+
+
+def test_statistics_release_is_paid_for_before_it_leaves_and_counted_in_training(tmp_path) -> None:
+    """data.standardize=federated under DP-SGD: ledger first, then noised sums; epsilon includes it."""
+    from client.app import query, train
+    from fedmer.privacy.ledger import read_ledger
+    from fedmer.standardization import dp_sgd_noise, stats_noise_multiplier
+
+    flat = FLAT | {"data.standardize": "federated", "output.dir": str(tmp_path)}
+    cfg = ExperimentConfig.from_run_config(flat)
+    context = _context(flat=flat)
+    reply = query(_stats_query(), context)
+    sigma = stats_noise_multiplier(cfg)
+    assert sigma > 0 and reply.content[rk.METRICS][rk.STATS_NOISE_MULTIPLIER] == sigma
+    sent = reply.content[rk.STATS].to_torch_state_dict()
+    assert set(sent) == {*rk.STATS_SUMS, rk.STATS_COUNT}
+    ledger = read_ledger(tmp_path / "ledgers" / "client-0.json")
+    assert ledger.history.entries == ((sigma, 1.0, 1),)
+    history = PrivacyHistory.from_lists(dict(context.state[rk.PRIVACY_STATE]))
+    assert history.entries == ((sigma, 1.0, 1),)
+    # the noised sums differ from the exact ones by the accounted noise scale
+    data = load_client_dataset(cfg, 0)
+    from fedmer.data.feature_stats import local_release
+
+    exact = local_release(data, clip_norm=cfg.privacy.stats_clip_norm, noise_multiplier=0.0, rng=None)
+    noise = np.concatenate([sent[k].numpy() for k in rk.STATS_SUMS]) - np.concatenate(
+        [getattr(exact, k) for k in rk.STATS_SUMS]
+    )
+    assert noise.std() == pytest.approx(sigma * math.sqrt(2) * cfg.privacy.stats_clip_norm, rel=0.25)
+
+    torch.manual_seed(0)
+    state = build_model(cfg.model, data.feature_slices, data.num_classes, standardize=True).state_dict()
+    metrics = train(_train_msg(state, 1), context).content[rk.METRICS]
+    assert metrics[rk.NOISE_MULTIPLIER] == dp_sgd_noise(cfg, len(data))
+    full = PrivacyHistory.from_lists(dict(context.state[rk.PRIVACY_STATE]))
+    assert full.entries[0] == (sigma, 1.0, 1) and len(full.entries) == 2
+    assert metrics[rk.EPSILON] == pytest.approx(compute_epsilon(full, 1e-5))
+    assert metrics[rk.EPSILON] > compute_epsilon(PrivacyHistory(full.entries[1:]), 1e-5)
+
+
+def test_statistics_without_dp_are_exact_and_cost_nothing() -> None:
+    from client.app import query
+    from fedmer.data.feature_stats import local_release
+
+    flat = FLAT | {"data.standardize": "federated", "privacy.mode": "off"}
+    cfg = ExperimentConfig.from_run_config(flat)
+    context = _context(flat=flat)
+    sent = query(_stats_query(), context).content[rk.STATS].to_torch_state_dict()
+    exact = local_release(load_client_dataset(cfg, 0), clip_norm=math.inf, noise_multiplier=0.0, rng=None)
+    for key in rk.STATS_SUMS:
+        np.testing.assert_array_equal(sent[key].numpy(), getattr(exact, key))
+    assert rk.PRIVACY_STATE not in context.state
+
+
+def test_a_statistics_query_to_a_run_without_standardisation_is_refused() -> None:
+    from client.app import query
+
+    with pytest.raises(ValueError, match="data.standardize=none"):
+        query(_stats_query(), _context())

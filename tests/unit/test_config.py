@@ -52,6 +52,9 @@ def test_run_config_round_trip() -> None:
         ("federation.fraction_train", 1.5, "(0, 1]"),
         ("federation.num_clients", 0, "> 0"),
         ("data.modalities", "speech,smell", "speech"),
+        ("data.standardize", "zscore", "none, federated"),
+        ("privacy.stats_epsilon_fraction", 1.0, "(0, 1)"),
+        ("privacy.stats_clip_norm", 0.0, "> 0"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(
@@ -80,8 +83,14 @@ def test_fewer_clients_than_strategy_minimum() -> None:
         ExperimentConfig.from_run_config(flat)
 
 
+def test_federated_standardisation_is_refused_with_client_level_dp() -> None:
+    flat = ExperimentConfig().to_run_config() | {"data.standardize": "federated", "privacy.mode": "client"}
+    with pytest.raises(ConfigError, match=r"data.standardize='federated'.*use data.standardize=none"):
+        ExperimentConfig.from_run_config(flat)
+
+
 def test_infinite_target_means_dp_sgd_clipping_without_noise() -> None:
-    from client.app import _noise_multiplier
+    from fedmer.standardization import dp_sgd_noise as _noise_multiplier
 
     cfg = ExperimentConfig(privacy=PrivacyConfig(target_epsilon=math.inf))
     assert _noise_multiplier(cfg, 640) == 0.0

@@ -13,6 +13,7 @@ from torch import nn
 from fedmer.privacy.engine import (
     PrivacyHistory,
     compute_epsilon,
+    gaussian_release_noise,
     make_private,
     noise_for_target,
     planned_steps,
@@ -60,6 +61,24 @@ def test_noise_for_target_meets_the_whole_run_target(accountant: str, target: fl
     eps = compute_epsilon(PrivacyHistory(((sigma, rate, steps),)), 1e-5, accountant)
     assert eps <= target
     assert eps > 0.8 * target  # not wastefully noisy
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_noise_with_a_prior_release_meets_the_target_together(accountant: str) -> None:
+    """The statistics release spends first; DP-SGD's noise is raised so both fit in the target."""
+    target, delta = 4.0, 1e-5
+    rate, steps = planned_steps(num_examples=160, batch_size=32, local_epochs=1, num_rounds=10)
+    release = gaussian_release_noise(0.1 * target, delta, accountant)
+    alone = compute_epsilon(PrivacyHistory(((release, 1.0, 1),)), delta, accountant)
+    assert 0.099 * target <= alone <= 0.1 * target
+    prior = ((release, 1.0, 1),)
+    sigma = noise_for_target(target, delta, rate, steps, accountant, prior=prior)
+    both = compute_epsilon(PrivacyHistory((*prior, (sigma, rate, steps))), delta, accountant)
+    assert 0.99 * target <= both <= target
+    assert sigma > noise_for_target(target, delta, rate, steps, accountant)
+    assert gaussian_release_noise(math.inf, delta) == 0.0
+    with pytest.raises(ValueError, match="already spend epsilon >= 0.1"):
+        noise_for_target(0.1, delta, rate, steps, accountant, prior=prior)
 
 
 def test_make_private_resumes_history_so_epsilon_accumulates() -> None:
