@@ -200,21 +200,33 @@ class FunctionalsEncoder(nn.Module):
     The utterance-level "functionals" of speech emotion recognition (openSMILE, eGeMAPS):
     order-free statistics of the frames, the inputs of the classic per-clip logistic-regression
     and SVM baselines. Few parameters (``2 F_m x H``), so DP-SGD's noise per weight stays small.
-    The functionals are standardised by ``(f - shift) * scale`` (persistent buffers, identity
-    until :meth:`set_functional_stats`; data.standardize=federated sets them from the
-    clients' released sums). The std carries ``+1e-6`` under its root: a feature constant
-    over a clip (RAVDESS' face numbers) would otherwise have an infinite gradient at std 0.
+    With data.standardize=federated the functionals are standardised by
+    ``(f - shift) * scale`` (persistent buffers, added by :meth:`enable_functional_stats`,
+    set from the clients' released sums by :meth:`set_functional_stats`). The std carries
+    ``+1e-6`` under its root: a feature constant over a clip (RAVDESS' face numbers) would
+    otherwise have an infinite gradient at std 0.
     """
 
     def __init__(self, in_dim: int, hidden: int) -> None:
         super().__init__()
-        self.register_buffer("shift", torch.zeros(2 * in_dim))
-        self.register_buffer("scale", torch.ones(2 * in_dim))
+        self.in_dim = in_dim
+        self.shift: Tensor | None = None
+        self.scale: Tensor | None = None
         self.proj = nn.Linear(2 * in_dim, hidden)
         self.act = nn.ReLU()
 
+    def enable_functional_stats(self) -> None:
+        """Add the standardisation buffers (identity). Only models built with
+        ``standardize=True`` have them: Flower's client-level DP wrappers noise every array,
+        which is why that mode refuses standardisation (``fedmer.config``)."""
+        del self.shift, self.scale  # plain None attributes until now
+        self.register_buffer("shift", torch.zeros(2 * self.in_dim))
+        self.register_buffer("scale", torch.ones(2 * self.in_dim))
+
     def set_functional_stats(self, shift: Tensor, scale: Tensor) -> None:
         """Standardise ``[mean, std]`` functionals with these ``(2 F_m,)`` vectors from now on."""
+        if self.shift is None or self.scale is None:
+            raise ValueError("functional statistics need enable_functional_stats() first (standardize=True)")
         if shift.shape != self.shift.shape or scale.shape != self.scale.shape:
             raise ValueError(
                 f"functional statistics of shape {tuple(shift.shape)}, expected {tuple(self.shift.shape)}"
@@ -227,7 +239,9 @@ class FunctionalsEncoder(nn.Module):
         """``x``: ``(B, T, F_m)`` -> ``(B, H)``."""
         mean = x.mean(dim=1)
         std = torch.sqrt(x.var(dim=1, unbiased=False) + 1e-6)
-        features = (torch.cat([mean, std], dim=-1) - self.shift) * self.scale
+        features = torch.cat([mean, std], dim=-1)
+        if self.shift is not None and self.scale is not None:
+            features = (features - self.shift) * self.scale
         return self.act(self.proj(features))
 
 

@@ -99,6 +99,9 @@ class MultimodalEmotionNet(nn.Module):
         self.modality_dropout = float(modality_dropout)
         # data.standardize=federated: (x - mean) / std as the first, untrained layer
         self.standardizer = InputStandardizer(self.num_features) if standardize else None
+        for enc in self.encoders if standardize else ():
+            if hasattr(enc, "enable_functional_stats"):
+                enc.enable_functional_stats()
 
     def set_feature_stats(self, stats: FeatureStats) -> None:
         """Standardise inputs (and per-clip functionals, for encoders that have them) with ``stats``.
