@@ -36,6 +36,8 @@ CSV_COLUMNS = (
     "macro_f1",
     "uar",
     "loss",
+    "intensity_uar",  # empty without an intensity head (model.intensity_weight = 0)
+    "intensity_accuracy",
     "epsilon_max",
     "epsilon_mean",
     "delta",

@@ -69,6 +69,8 @@ def _round_row(
         "macro_f1": report["macro_f1"],
         "uar": report["uar"],
         "loss": report["loss"],
+        "intensity_uar": report.get("intensity_uar"),
+        "intensity_accuracy": report.get("intensity_accuracy"),
         "epsilon_max": (math.inf if off else max(eps)) if eps else (math.inf if off and clients else 0.0),
         "epsilon_mean": (math.inf if off else statistics.fmean(eps))
         if eps
