@@ -136,7 +136,7 @@ def _standardize(grid: Grid, cfg: ExperimentConfig, model: torch.nn.Module, out_
             "clients": list(stats.clients),
             "noise_multiplier": stats.noise_multiplier,
             "clip_norm": None if math.isinf(stats.clip_norm) else stats.clip_norm,
-            "features_at_std_floor": len(stats.floored),
+            "features_left_unstandardised": len(stats.floored),
             "failures": failures,
         }
     }

@@ -19,9 +19,12 @@ a Gaussian mechanism: ``[m_i, m_i**2, s_i, s_i**2]`` is scaled to L2 norm at mos
 (``privacy.stats_clip_norm``), so one sample moves ``sum u_i`` by at most ``sqrt(2) C``
 (add/remove-one), and the client adds ``N(0, (sigma sqrt(2) C)^2)`` to every coordinate:
 one release with noise multiplier ``sigma`` and sampling rate 1, which the node's ledger and
-accountant compose with its DP-SGD steps. Noisy statistics are made safe to divide by: each
-std is floored at twice the noise's std on a per-feature average (its estimate is not
-trusted below that), and a count that noise drove below 1 is read as 1.
+accountant compose with its DP-SGD steps. A noisy statistic is used only where it stands
+clear of the noise: a feature whose estimated std is below twice the noise's std on a
+per-feature average is left as it is (shift 0, scale 1: what ``data.standardize=none``
+does), likewise a functional whose spread is below it; a count that noise drove below 1 is
+read as 1. With little data per feature the release therefore degrades to no
+standardisation rather than to scaling by noise.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class FeatureStats:
     clients: tuple[int, ...] = ()  # partitions whose release was used
     noise_multiplier: float = 0.0
     clip_norm: float = math.inf
-    floored: tuple[int, ...] = field(default=())  # features whose frame std was floored or set to 1
+    floored: tuple[int, ...] = field(default=())  # features left unstandardised (std not above the noise)
 
     def __post_init__(self) -> None:
         f = len(self.mean)
@@ -221,16 +224,32 @@ def combine_releases(
     noise_sd = first.noise_std * math.sqrt(len(releases)) / n  # of each per-feature average
     floor = np.maximum(2.0 * noise_sd, MIN_STD)
 
-    def safe_std(var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sd = np.sqrt(np.maximum(np.where(inside, var, 1.0), 0.0))
-        low = sd < floor
-        return np.where(low, floor if first.noise_std > 0 else 1.0, sd), np.flatnonzero(low)
+    def sd_of(var: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.maximum(np.where(inside, var, 1.0), 0.0))
 
-    std, floored = safe_std(frame_var)
-    mean_sd, _ = safe_std(avg["sum_mean_sq"] - mean**2)
-    std_sd, _ = safe_std(avg["sum_std_sq"] - std_mean**2)
+    # A statistic is used only where it stands clear of the noise on its estimate; elsewhere
+    # the feature (or functional) is left as it is: shift 0, scale 1, as without standardising.
+    std, mean_sd, std_sd = (
+        sd_of(frame_var),
+        sd_of(avg["sum_mean_sq"] - mean**2),
+        sd_of(avg["sum_std_sq"] - std_mean**2),
+    )
+    untrusted = std < floor
+    if first.noise_std > 0:
+        mean, std = np.where(untrusted, 0.0, mean), np.where(untrusted, 1.0, std)
+    else:  # exact: only constant features are left unscaled (centred, since their mean is exact)
+        std = np.where(untrusted, 1.0, std)
+    mean_sd = np.where(untrusted | (mean_sd < floor), std, mean_sd)  # -> scale 1 on the per-clip mean
+    flat_std = untrusted | (std_sd < floor)
+    std_mean, std_sd = np.where(flat_std, 0.0, std_mean), np.where(flat_std, std, std_sd)  # -> identity
+    floored = np.flatnonzero(untrusted)
     if len(floored):
-        log.info("feature statistics: %d of %d features have std at the floor", len(floored), len(std))
+        log.info(
+            "feature statistics: %d of %d features left unstandardised (std below %s)",
+            len(floored),
+            len(std),
+            "twice the release noise" if first.noise_std > 0 else "1e-6: constant",
+        )
 
     def tup(a: np.ndarray) -> tuple[float, ...]:
         return tuple(float(v) for v in a)
