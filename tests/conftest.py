@@ -95,3 +95,28 @@ def dp_sgd_setup(model, tensors, batch_size: int):  # type: ignore[no-untyped-de
             max_grad_norm=1.0,
             poisson_sampling=True,
         )
+
+
+#: A three-modality toy layout shared by the tests of masking, missing modalities and statistics.
+TOY_MODALITIES = ("speech", "face", "physio")
+TOY_SLICES = ((0, 3), (3, 5), (5, 9))
+
+
+def toy_dataset(x, mask, classes: int = 4):  # type: ignore[no-untyped-def]
+    """``x`` (N, T, 9) in the toy layout, labels ``i % classes``, 4 samples a person, masked."""
+    import numpy as np
+
+    from fedmer.data.base import MultimodalDataset
+
+    n = len(x)
+    data = MultimodalDataset(
+        x=np.asarray(x, dtype=np.float32),
+        mask=np.ones((n, 3), bool),
+        y=np.arange(n) % classes,
+        person=np.arange(n) // 4,
+        site=np.zeros(n, np.int64),
+        modalities=TOY_MODALITIES,
+        feature_slices=TOY_SLICES,
+        class_names=tuple("abcdefgh"[:classes]),
+    )
+    return data.with_mask(np.asarray(mask, dtype=bool))

@@ -23,30 +23,20 @@ from fedmer.data.feature_stats import (
 from fedmer.models import build_model
 from fedmer.models.standardizer import InputStandardizer
 from fedmer.privacy.clipping import clip_update
-from tests.conftest import dp_sgd_setup
+from tests.conftest import TOY_MODALITIES, TOY_SLICES, dp_sgd_setup, toy_dataset
 
-MODS = ("speech", "face", "physio")
-SLICES = ((0, 3), (3, 5), (5, 9))
+MODS, SLICES = TOY_MODALITIES, TOY_SLICES
 
 
 def _data(n: int, seed: int, present: float = 0.7, scale: float = 3.0) -> MultimodalDataset:
     rng = np.random.default_rng(seed)
     centre = rng.normal(size=9) * scale
     spread = np.exp(rng.normal(size=9))
-    data = MultimodalDataset(
-        x=(centre + spread * rng.normal(size=(n, 5, 9))).astype(np.float32),
-        mask=np.ones((n, 3), bool),
-        y=np.arange(n) % 4,
-        person=np.arange(n) // 4,
-        site=np.zeros(n, np.int64),
-        modalities=MODS,
-        feature_slices=SLICES,
-        class_names=("a", "b", "c", "d"),
-    )
+    x = centre + spread * rng.normal(size=(n, 5, 9))
     mask = rng.random((n, 3)) < present
     mask[:, 0] |= ~mask.any(axis=1)  # every sample records something
     mask[:2] = True  # and every modality is recorded by at least two samples
-    return data.with_mask(mask)
+    return toy_dataset(x, mask)
 
 
 def _pooled(data: MultimodalDataset) -> dict[str, np.ndarray]:
@@ -90,16 +80,7 @@ def test_one_sample_moves_the_release_by_at_most_sqrt2_c(n: int, seed: int, clip
     """The Gaussian mechanism's L2 sensitivity under add/remove-one is sqrt(2) C, as accounted."""
     data = _data(n, seed, scale=10.0)
     keep = np.arange(n) != drop % n
-    smaller = MultimodalDataset(
-        x=data.x[keep],
-        mask=data.mask[keep],
-        y=data.y[keep],
-        person=data.person[keep],
-        site=data.site[keep],
-        modalities=MODS,
-        feature_slices=SLICES,
-        class_names=data.class_names,
-    )
+    smaller = toy_dataset(data.x[keep], data.mask[keep])
 
     def vector(d: MultimodalDataset) -> np.ndarray:
         return local_release(d, clip_norm=clip, noise_multiplier=0.0, rng=np.random.default_rng(0)).vector()
@@ -130,16 +111,7 @@ def test_a_constant_feature_is_centred_not_scaled() -> None:
     data = _data(50, 2)
     x = data.x.copy()
     x[:, :, 1] = 4.0
-    const = MultimodalDataset(
-        x=x,
-        mask=data.mask,
-        y=data.y,
-        person=data.person,
-        site=data.site,
-        modalities=MODS,
-        feature_slices=SLICES,
-        class_names=data.class_names,
-    )
+    const = toy_dataset(x, data.mask)
     stats = exact_feature_stats(const)
     assert stats.std[1] == 1.0 and stats.mean[1] == pytest.approx(4.0) and stats.floored == (1,)
 

@@ -24,25 +24,15 @@ from fedmer.evaluation import (
     remove_modality,
 )
 from fedmer.models import build_model
+from tests.conftest import TOY_MODALITIES, TOY_SLICES, toy_dataset
 
-MODS = ("speech", "face", "physio")
-SLICES = ((0, 3), (3, 5), (5, 9))
+MODS, SLICES = TOY_MODALITIES, TOY_SLICES
 
 
 def _data(n: int = 40, seed: int = 0, mask: np.ndarray | None = None) -> MultimodalDataset:
     rng = np.random.default_rng(seed)
     mask = rng.random((n, 3)) < 0.8 if mask is None else mask
-    data = MultimodalDataset(
-        x=rng.normal(size=(n, 6, 9)).astype(np.float32),
-        mask=np.ones((n, 3), bool),
-        y=np.arange(n) % 4,
-        person=np.arange(n) // 4,
-        site=np.zeros(n, np.int64),
-        modalities=MODS,
-        feature_slices=SLICES,
-        class_names=("a", "b", "c", "d"),
-    )
-    return data.with_mask(mask)
+    return toy_dataset(rng.normal(size=(n, 6, 9)), mask)
 
 
 def _model(fusion: str = "attention") -> nn.Module:
