@@ -54,6 +54,7 @@ __all__ = [
     "collect_feature_stats",
     "dp_sgd_noise",
     "is_stats_query",
+    "release_skipped_because",
     "stats_noise_multiplier",
     "stats_prior",
 ]
@@ -62,7 +63,12 @@ log = logging.getLogger(__name__)
 
 
 def stats_noise_multiplier(cfg: ExperimentConfig) -> float:
-    """Noise multiplier of the statistics release: 0 without DP-SGD or for target epsilon inf."""
+    """Noise multiplier of the statistics release: 0 without DP-SGD or for target epsilon inf.
+
+    ``inf`` when the release's share of the budget is below what the accountant can certify
+    for one Gaussian release at any noise (RDP at delta 1e-5: about 0.19): then nothing is
+    released and the inputs stay unstandardised (see :func:`release_skipped_because`).
+    """
     p = cfg.privacy
     if cfg.data.standardize == "none" or not p.sample_level or math.isinf(p.target_epsilon):
         return 0.0
@@ -71,13 +77,29 @@ def stats_noise_multiplier(cfg: ExperimentConfig) -> float:
 
 @functools.lru_cache(maxsize=32)
 def _release_noise(epsilon: float, delta: float, accountant: str) -> float:
-    return gaussian_release_noise(epsilon, delta, accountant)
+    try:
+        return gaussian_release_noise(epsilon, delta, accountant)
+    except ValueError:
+        return math.inf
+
+
+def release_skipped_because(cfg: ExperimentConfig) -> str | None:
+    """Why no statistics are released in this run (None when they are)."""
+    if not math.isinf(stats_noise_multiplier(cfg)):
+        return None
+    p = cfg.privacy
+    return (
+        f"privacy.stats_epsilon_fraction={p.stats_epsilon_fraction:g} of target_epsilon={p.target_epsilon:g} "
+        f"is epsilon {p.stats_epsilon_fraction * p.target_epsilon:.3g}, below what the {p.accountant} "
+        f"accountant can certify for one Gaussian release at delta {p.delta:g} with any noise; nothing "
+        "is released and the inputs stay unstandardised (raise privacy.stats_epsilon_fraction to release)"
+    )
 
 
 def stats_prior(cfg: ExperimentConfig) -> tuple[HistoryEntry, ...]:
     """Accountant entries a node spends before DP-SGD in this run (the statistics release)."""
     sigma = stats_noise_multiplier(cfg)
-    return ((sigma, 1.0, 1),) if sigma > 0 else ()
+    return ((sigma, 1.0, 1),) if 0 < sigma < math.inf else ()
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,8 +127,11 @@ def answer_stats_query(
     msg: Message, context: Context, cfg: ExperimentConfig, pid: int, data: MultimodalDataset
 ) -> Message:
     """Release this node's feature sums; under DP, pay for it in the ledger first."""
-    if cfg.data.standardize == "none":
-        raise ValueError("feature statistics were asked for, but this run has data.standardize=none")
+    if cfg.data.standardize == "none" or release_skipped_because(cfg):
+        raise ValueError(
+            "feature statistics were asked for, but this run releases none: "
+            + (release_skipped_because(cfg) or "data.standardize=none")
+        )
     sigma = stats_noise_multiplier(cfg)
     clip = cfg.privacy.stats_clip_norm if cfg.privacy.sample_level else math.inf
     if sigma > 0:

@@ -29,7 +29,7 @@ from fedmer.models import build_model_for
 from fedmer.plots import plot_learning_curve
 from fedmer.privacy.client_level import client_level_epsilon
 from fedmer.results import RunRecorder
-from fedmer.standardization import collect_feature_stats
+from fedmer.standardization import collect_feature_stats, release_skipped_because
 from fedmer.strategies import AccountedStrategy, RoundReport, build_strategy
 from fedmer.train import evaluate_model
 
@@ -117,6 +117,10 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 def _standardize(grid: Grid, cfg: ExperimentConfig, model: torch.nn.Module, out_dir: Path) -> dict[str, Any]:
     """Federated feature statistics into the global model before round 1 (data.standardize)."""
+    skipped = release_skipped_because(cfg)
+    if skipped:
+        log.warning("no feature statistics: %s", skipped)
+        return {"feature_stats": {"skipped": skipped}}
     nodes = wait_for_nodes(grid, cfg.federation.num_clients, timeout=STATS_WAIT_S)
     stats, failures = collect_feature_stats(grid, nodes, model.feature_slices, out_dir)
     missing = cfg.federation.num_clients - len(stats.clients)

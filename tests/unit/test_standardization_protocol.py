@@ -111,5 +111,50 @@ def test_under_dp_every_node_pays_once_and_the_statistics_are_noisy(tmp_path) ->
 def test_no_node_answering_stops_the_run(tmp_path) -> None:
     cfg = ExperimentConfig.from_run_config(FLAT)
     grid = ClientAppGrid(FLAT, 1, broken=1)
-    with pytest.raises(RuntimeError, match="no node released feature statistics: node 1: Exception: disk full"):
+    with pytest.raises(
+        RuntimeError, match="no node released feature statistics: node 1: Exception: disk full"
+    ):
         collect_feature_stats(grid, grid.nodes, load_client_dataset(cfg, 0).feature_slices, tmp_path)
+
+
+def test_a_share_too_small_to_certify_releases_nothing_and_says_why(tmp_path) -> None:
+    """RDP cannot certify one Gaussian release below epsilon ~0.19 at delta 1e-5 with any noise."""
+    from fedmer.models import build_model_for
+    from fedmer.standardization import dp_sgd_noise, release_skipped_because, stats_prior
+    from server.app import _standardize
+
+    flat = FLAT | {"privacy.mode": "sample", "privacy.target_epsilon": 1.0, "output.dir": str(tmp_path)}
+    cfg = ExperimentConfig.from_run_config(flat)
+    reason = release_skipped_because(cfg)
+    assert (
+        reason
+        and "privacy.stats_epsilon_fraction=0.1" in reason
+        and "raise privacy.stats_epsilon_fraction" in reason
+    )
+    assert stats_prior(cfg) == ()  # DP-SGD gets the whole budget
+    plain = ExperimentConfig.from_run_config(flat | {"data.standardize": "none"})
+    assert dp_sgd_noise(cfg, 100) == dp_sgd_noise(plain, 100)
+    data = load_client_dataset(cfg, 0)
+    model = build_model_for(cfg, data)
+    extra = _standardize(ClientAppGrid(flat, 3, broken=1), cfg, model, tmp_path)  # no node is asked
+    assert extra == {"feature_stats": {"skipped": reason}}
+    assert not (tmp_path / FEATURE_STATS_JSON).exists()
+    from client.app import query
+
+    with pytest.raises(ValueError, match="releases none"):
+        query(_stats_query_message(), ClientAppGrid(flat, 3).contexts[1])
+    assert (
+        release_skipped_because(
+            ExperimentConfig.from_run_config(flat | {"privacy.stats_epsilon_fraction": 0.3})
+        )
+        is None
+    )
+
+
+def _stats_query_message() -> Message:
+    from flwr.app import ConfigRecord, MessageType
+
+    from fedmer import records as rk
+
+    config = ConfigRecord({rk.QUERY: rk.QUERY_FEATURE_STATS})
+    return Message(RecordDict({rk.CONFIG: config}), dst_node_id=1, message_type=MessageType.QUERY)
