@@ -119,7 +119,7 @@ class DataConfig:
     root: str = "../shared/data"  # real datasets: folder holding ravdess/, stress-predict/, meld/
     audio_frontend: str = "logmel"  # RAVDESS speech features: log-mel or MFCC frames
     text_encoder: str = "tokens"  # MELD: trainable token embeddings, or pretrained MiniLM sentence vectors
-    complete_only: bool = False  # keep only samples that recorded every selected modality (RAVDESS AV: 360)
+    complete_only: bool = False  # RAVDESS: only the 360 clips with a face, whichever modalities are selected
     standardize: str = "none"  # federated: per-feature mean/std from every client's sums before round 1
 
     def __post_init__(self) -> None:

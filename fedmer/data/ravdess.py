@@ -10,7 +10,9 @@ folder laid out the same way, e.g. the official release converted to 16 kHz FLAC
 and deltas); ``face`` is the clip's 56 features, constant over the frames. The 1,080 clips
 with no face features have face mask False and zero face columns: a real missing modality.
 ``data.modalities`` picks a subset (``speech`` alone = audio-only); ``data.complete_only``
-keeps only clips with every selected modality (360 for speech,face).
+keeps only the clips that recorded every modality RAVDESS offers (the 360 with face features),
+whichever modalities are selected: ``modalities=speech complete_only=true`` is audio alone on
+the same 360 clips the fusion model sees.
 
 **Labels** come from the file name: 8 emotions (``CLASS_NAMES``, the RAVDESS codes 01-08)
 and intensity normal/strong (neutral has only normal). The face CSV's own ``emotion`` column
@@ -251,7 +253,7 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
     speech = np.concatenate([load_actor_speech(d, frontend, cache) for d in actor_dirs])
     face = np.zeros((len(ids), len(FACE_FEATURES)), np.float32)
     has_face = np.zeros(len(ids), bool)
-    if "face" in modalities:
+    if "face" in modalities or cfg.complete_only:  # complete_only needs to know which clips have a face
         rows = read_face_features(folder / "face_features.csv", set(ids))
         for k, clip in enumerate(ids):
             if clip in rows:
@@ -263,7 +265,9 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
     mask = np.stack([parts[m][1] for m in modalities], axis=1)
     for j, m in enumerate(modalities):
         x[:, :, bounds[j] : bounds[j + 1]] = parts[m][0]
-    keep = mask.all(axis=1) if cfg.complete_only else np.ones(len(ids), bool)
+    # complete_only: the clips that recorded every modality RAVDESS offers (the 360 with a face),
+    # whichever are selected, so speech alone can be compared with fusion on the same clips.
+    keep = has_face if cfg.complete_only else np.ones(len(ids), bool)
     _log.info(
         "ravdess: %d clips from %d actors, %d with face features; modalities %s, complete_only=%s -> %d",
         len(ids),

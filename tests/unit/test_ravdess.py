@@ -150,6 +150,10 @@ def test_complete_only_and_audio_only() -> None:
     assert sum(len(p) for p in _both(av)) == 360 and all(p.mask.all() for p in _both(av))
     audio = load_ravdess(DataConfig(name="ravdess", modalities="speech"), 4, 0)
     assert sum(len(p) for p in _both(audio)) == 1440
+    # complete_only means the 360 AV clips whichever modalities are selected: audio alone on them
+    audio360 = load_ravdess(DataConfig(name="ravdess", modalities="speech", complete_only=True), 4, 0)
+    assert [len(p) for p in _both(audio360)] == [len(p) for p in _both(av)]
+    assert all(np.array_equal(a.y, b.y) for a, b in zip(_both(audio360), _both(av), strict=True))
     assert audio.train.modalities == ("speech",) and audio.train.feature_dims == {"speech": SPEECH_DIMS}
     mfcc = load_ravdess(DataConfig(name="ravdess", modalities="speech", audio_frontend="mfcc"), 4, 0)
     assert mfcc.train.feature_dims == {"speech": AudioFrontEnd("mfcc").n_features}
