@@ -417,7 +417,7 @@ def _pivot(rows: list[dict]) -> list[str]:
     cells: dict[tuple[str, str], dict[str, list[float]]] = {}
     for r in rows:
         column = PIVOT.get((r["training"], r["privacy"]))
-        if column is not None and r["group"] in "abcde":
+        if column is not None and r["group"] in "abcdes":
             cells.setdefault((r["dataset"], r["setting"]), {}).setdefault(column, []).append(float(r["uar"]))
     out = [
         "| dataset | setting | " + " | ".join(PIVOT.values()) + " |",
