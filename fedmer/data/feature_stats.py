@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from fedmer.data.base import MultimodalDataset
+from fedmer.records import STATS_SUMS
 
 __all__ = [
     "FEATURE_STATS_JSON",
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 FEATURE_STATS_JSON = "feature_stats.json"
 #: A std below this (a constant feature) is replaced by 1: dividing would only amplify noise.
 MIN_STD = 1e-6
-_SUMS = ("sum_mean", "sum_mean_sq", "sum_std", "sum_std_sq")
+_SUMS = STATS_SUMS  # the StatsRelease fields that are sums, also the message's array keys
 
 
 @dataclass(frozen=True)
@@ -155,11 +156,13 @@ def local_release(
     *,
     clip_norm: float,
     noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
 ) -> StatsRelease:
     """One client's release: clipped per-sample vectors summed, plus Gaussian noise if sigma > 0."""
     if noise_multiplier < 0 or math.isnan(noise_multiplier):
         raise ValueError(f"invalid noise_multiplier={noise_multiplier!r}: expected >= 0")
+    if noise_multiplier > 0 and rng is None:
+        raise ValueError("a noised release needs a random generator (rng=None given)")
     if noise_multiplier > 0 and not (0 < clip_norm < math.inf):
         raise ValueError(f"invalid clip_norm={clip_norm!r}: a noised release needs a finite C > 0")
     x = data.x.astype(np.float64)

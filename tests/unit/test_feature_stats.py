@@ -151,6 +151,8 @@ def test_bad_inputs_are_named(tmp_path) -> None:
         local_release(data, clip_norm=1.0, noise_multiplier=-1.0, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="invalid clip_norm=inf"):
         local_release(data, clip_norm=math.inf, noise_multiplier=1.0, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="needs a random generator"):
+        local_release(data, clip_norm=1.0, noise_multiplier=1.0, rng=None)
     with pytest.raises(ValueError, match="no client released"):
         combine_releases({}, SLICES)
     a = local_release(data, clip_norm=1.0, noise_multiplier=0.0, rng=np.random.default_rng(0))
