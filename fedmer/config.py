@@ -129,6 +129,13 @@ class DataConfig:
         _choice("data.text_encoder", self.text_encoder, TEXT_ENCODERS)
         if not isinstance(self.complete_only, bool):
             _fail("data.complete_only", self.complete_only, "expected true or false")
+        if self.complete_only and self.name != "ravdess":
+            _fail(
+                "data.complete_only",
+                self.complete_only,
+                f"only RAVDESS has clips without a modality to drop (its 360 with a face); data.name="
+                f"{self.name} records every selected modality in every sample, so set it to false",
+            )
         _choice("data.scenario", self.scenario, SCENARIOS)
         _positive("data.persons_per_site", self.persons_per_site, integer=True)
         _positive("data.test_persons_per_site", self.test_persons_per_site, integer=True)

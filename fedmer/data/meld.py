@@ -34,8 +34,8 @@ first (seeded tie order), are dealt in snake order, which gives every site the s
 them (+-1) and similar line counts; then each site holds out ``data.test_persons_per_site`` of
 its minor speakers (seeded). So ``data.test_persons_per_site`` = held-out *minor* speakers per
 site, and the test set = one main character + ``num_sites x test_persons_per_site`` minor
-speakers. ``data.persons_per_site``, ``sequences_per_person``, ``scenario``, ``audio_frontend``
-and ``complete_only`` are ignored (the transcripts fix them).
+speakers. ``data.persons_per_site``, ``sequences_per_person``, ``scenario`` and ``audio_frontend``
+are ignored (the transcripts fix them); ``complete_only=true`` is refused by the config.
 
 **Caveats.** Held-out-speaker evaluation is harder than MELD's official utterance split, so
 numbers are not comparable with the literature. Some labels are not one person ("All",

@@ -53,6 +53,7 @@ def test_run_config_round_trip() -> None:
         ("federation.num_clients", 0, "> 0"),
         ("data.modalities", "speech,smell", "speech"),
         ("data.standardize", "zscore", "none, federated"),
+        ("data.complete_only", True, "only RAVDESS"),
         ("privacy.stats_epsilon_fraction", 1.0, "(0, 1)"),
         ("privacy.stats_clip_norm", 0.0, "> 0"),
     ],
