@@ -366,7 +366,9 @@ def ledger_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         "remaining_epsilon": _encode_inf(max(led.cap - spent, 0.0) if math.isfinite(spent) else 0.0),
         "unit": UNIT,
         "runs": len({e.run_id for e in led.entries}),
-        "rounds": len({(e.run_id, e.server_round) for e in led.entries}),
+        "rounds": len({(e.run_id, e.server_round) for e in led.entries if e.server_round > 0}),
+        # round 0: spends outside training rounds (the feature-statistics release, personalization)
+        "entries_outside_rounds": sum(1 for e in led.entries if e.server_round <= 0),
         "entries": len(led.entries),
         "total_steps": led.history.steps,
         "created": led.created,
@@ -389,8 +391,9 @@ def show_ledger(path: str | os.PathLike[str]) -> str:
         f"({s['accountant']} accountant)",
         f"  unit:        {s['unit']}",
         f"  cap:         epsilon <= {_fmt(s['cap'])}{remaining}",
-        f"  history:     {s['rounds']} rounds in {s['runs']} runs, {s['total_steps']} DP-SGD steps "
-        f"({s['entries']} accountant entries)",
+        f"  history:     {s['rounds']} training rounds in {s['runs']} runs, {s['total_steps']} accountant "
+        f"steps ({s['entries']} entries, {s['entries_outside_rounds']} outside training rounds: "
+        "statistics releases, personalization)",
         f"  created:     {s['created']}",
         f"  updated:     {s['updated'] or 'never'}",
     ]

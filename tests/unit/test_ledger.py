@@ -224,7 +224,12 @@ def test_show_and_cli(tmp_path: Path) -> None:
     proc = _cli("privacy", "show", str(path))
     assert proc.returncode == 0, proc.stderr
     assert f"epsilon = {eps} at delta = 1e-05" in proc.stdout and "rdp" in proc.stdout
-    assert "1 rounds in 1 runs, 5 DP-SGD steps" in proc.stdout and "epsilon <= 8" in proc.stdout
+    assert "1 training rounds in 1 runs, 5 accountant steps" in proc.stdout and "epsilon <= 8" in proc.stdout
+    assert "0 outside training rounds" in proc.stdout
+    other = tmp_path / "with-release.json"
+    _fresh(other).record([(4.97, 1.0, 1)], run_id=4, server_round=0).record([ROUND], run_id=4, server_round=1)
+    summary = ledger_summary(other)  # a statistics release before round 1 is not a training round
+    assert (summary["rounds"], summary["entries_outside_rounds"], summary["total_steps"]) == (1, 1, 6)
     proc = _cli("privacy", "show", str(path), "--json")
     summary = json.loads(proc.stdout)
     assert summary["spent_epsilon"] == pytest.approx(led.spent()) and summary["accountant"] == "rdp"
