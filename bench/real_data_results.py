@@ -266,15 +266,19 @@ def run_federated(run: Run, seed: int, folder: Path) -> dict:
 
 
 def _noise_multipliers(folder: Path) -> str:
-    """DP-SGD noise multipliers the clients used (from their privacy ledgers), e.g. "3.61" or "3.2-3.6"."""
-    noise = {
-        round(float(n), 3)
-        for ledger in sorted((folder / "ledgers").glob("client-*.json"))
-        for n in json.loads(ledger.read_text())["entries"]["noise"]
-    }
-    if not noise:
+    """DP-SGD noise multipliers the clients used (from their ledgers' training rounds), e.g. "3.61"
+    or "3.2-3.6", plus the feature-statistics release's (round 0) when the run made one."""
+    sgd, release = set(), set()
+    for ledger in sorted((folder / "ledgers").glob("client-*.json")):
+        entries = json.loads(ledger.read_text())["entries"]
+        for n, r in zip(entries["noise"], entries["round"], strict=True):
+            (sgd if int(r) > 0 else release).add(round(float(n), 3))
+    if not sgd and not release:
         return "0 (no DP)"
-    return f"{min(noise):g}" if len(noise) == 1 else f"{min(noise):g}-{max(noise):g}"
+    text = "" if not sgd else f"{min(sgd):g}" if len(sgd) == 1 else f"{min(sgd):g}-{max(sgd):g}"
+    if release:
+        text += f" (statistics release {min(release):g})"
+    return text
 
 
 def complete_test_uar(folder: Path) -> float | str:
