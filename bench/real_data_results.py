@@ -159,6 +159,11 @@ def standardised() -> list[Run]:
         out.append(Run("s", dataset, setting, "centralised", "none", (*base, *OFF)))
         out.append(Run("s", dataset, setting, "federated", "eps 8", (*base, *DP8)))
         out.append(Run("s", dataset, setting, "federated", "eps 1", (*base, *DP1)))
+    # Many samples per client: does the DP statistics release carry information there?
+    for privacy, flags in (("none", OFF), ("eps 8", DP8)):
+        out.append(
+            Run("s", "Stress-Predict", "physio, standardised", "federated", privacy, (*STRESS, *STD, *flags))
+        )
     # The clients' recipe (SGD lr 0.1, momentum 0.9) diverges when trained centrally for 60
     # epochs on the pooled 270 clips; the same model at lr 0.02, for a fair centralised row.
     lr = ["federation.lr=0.02"]
