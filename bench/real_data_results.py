@@ -313,6 +313,16 @@ def compose_experiment(overrides: list[str], folder: Path):
         )
 
 
+#: The privacy columns of a row trained without DP (reference and centralised runs).
+NO_DP = {
+    "epsilon_max": "inf",
+    "noise_multiplier": "0 (no DP)",
+    "delta": "",
+    "accountant": "",
+    "unit": "none (no DP)",
+}
+
+
 def run_logistic_reference(run: Run, seed: int, folder: Path) -> dict:
     """bench/ravdess_reference.py's L2 softmax regression (l2 0.01) on this run's own split.
 
@@ -357,11 +367,7 @@ def run_logistic_reference(run: Run, seed: int, folder: Path) -> dict:
         "accuracy": r["accuracy"],
         "best_uar": r["uar"],
         "chance_uar": r["chance_uar"],
-        "epsilon_max": "inf",
-        "noise_multiplier": "0 (no DP)",
-        "delta": "",
-        "accountant": "",
-        "unit": "none (no DP)",
+        **NO_DP,
         "budget": "L-BFGS to convergence, l2 0.01 (bench/ravdess_reference.py)",
         "wall_s_under_load": "",
     }
@@ -390,11 +396,7 @@ def run_centralised(run: Run, seed: int, folder: Path) -> dict:
         "accuracy": r["accuracy"],
         "best_uar": r["best_uar"],
         "chance_uar": r["chance_uar"],
-        "epsilon_max": "inf",
-        "noise_multiplier": "0 (no DP)",
-        "delta": "",
-        "accountant": "",
-        "unit": "none (no DP)",
+        **NO_DP,
         "budget": f"{r['epochs']} epochs on {r['train_samples']} pooled samples",
         "wall_s_under_load": round(r["wall_s"], 1),
     }

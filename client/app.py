@@ -26,7 +26,8 @@ from fedmer.privacy.budget import open_budget
 from fedmer.privacy.client_level import client_dp_mod
 from fedmer.privacy.clipping import clip_update
 from fedmer.privacy.engine import PrivacyHistory, compute_epsilon, make_private, planned_steps
-from fedmer.standardization import answer_stats_query, dp_sgd_noise, is_stats_query
+from fedmer.privacy.run_noise import dp_sgd_noise
+from fedmer.standardization import answer_stats_query, is_stats_query
 from fedmer.train import evaluate_model, make_loader, seed_everything, train_epochs
 
 __all__ = ["app", "experiment_of", "partition_of"]

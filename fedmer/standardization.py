@@ -7,7 +7,8 @@ a Gaussian release whose noise multiplier is the smallest that spends at most
 ``privacy.stats_epsilon_fraction x privacy.target_epsilon`` on its own, written to the
 node's ledger *before* it is sent and appended to the run's accountant history, so every
 epsilon the node reports afterwards includes it. The DP-SGD noise is derived with that
-release as a prior, so release plus training meet ``target_epsilon`` together.
+release as a prior (:mod:`fedmer.privacy.run_noise`), so release plus training meet
+``target_epsilon`` together.
 
 The server combines the replies into :class:`FeatureStats`, writes them to
 ``feature_stats.json`` in the run folder, and sets them in the global model's
@@ -18,7 +19,6 @@ then those of the others, and the log and the file say so.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from pathlib import Path
@@ -40,83 +40,13 @@ from fedmer.data.feature_stats import (
 )
 from fedmer.grid import short_reason
 from fedmer.privacy.budget import open_budget
-from fedmer.privacy.engine import (
-    HistoryEntry,
-    PrivacyHistory,
-    gaussian_release_noise,
-    noise_for_target,
-    planned_steps,
-)
+from fedmer.privacy.engine import PrivacyHistory
+from fedmer.privacy.run_noise import release_skipped_because, stats_noise_multiplier
 from fedmer.train import seed_everything
 
-__all__ = [
-    "answer_stats_query",
-    "collect_feature_stats",
-    "dp_sgd_noise",
-    "is_stats_query",
-    "release_skipped_because",
-    "stats_noise_multiplier",
-    "stats_prior",
-]
+__all__ = ["answer_stats_query", "collect_feature_stats", "is_stats_query"]
 
 log = logging.getLogger(__name__)
-
-
-def stats_noise_multiplier(cfg: ExperimentConfig) -> float:
-    """Noise multiplier of the statistics release: 0 without DP-SGD or for target epsilon inf.
-
-    ``inf`` when the release's share of the budget is below what the accountant can certify
-    for one Gaussian release at any noise (RDP at delta 1e-5 with Opacus' default orders:
-    about 0.103): then nothing is released and the inputs stay unstandardised (see
-    :func:`release_skipped_because`).
-    """
-    p = cfg.privacy
-    if cfg.data.standardize == "none" or not p.sample_level or math.isinf(p.target_epsilon):
-        return 0.0
-    return _release_noise(p.stats_epsilon_fraction * p.target_epsilon, p.delta, p.accountant)
-
-
-@functools.lru_cache(maxsize=32)
-def _release_noise(epsilon: float, delta: float, accountant: str) -> float:
-    try:
-        return gaussian_release_noise(epsilon, delta, accountant)
-    except ValueError:
-        return math.inf
-
-
-def release_skipped_because(cfg: ExperimentConfig) -> str | None:
-    """Why no statistics are released in this run (None when they are)."""
-    if not math.isinf(stats_noise_multiplier(cfg)):
-        return None
-    p = cfg.privacy
-    return (
-        f"privacy.stats_epsilon_fraction={p.stats_epsilon_fraction:g} of target_epsilon={p.target_epsilon:g} "
-        f"is epsilon {p.stats_epsilon_fraction * p.target_epsilon:.3g}, below what the {p.accountant} "
-        f"accountant can certify for one Gaussian release at delta {p.delta:g} with any noise; nothing "
-        "is released and the inputs stay unstandardised (raise privacy.stats_epsilon_fraction to release)"
-    )
-
-
-def stats_prior(cfg: ExperimentConfig) -> tuple[HistoryEntry, ...]:
-    """Accountant entries a node spends before DP-SGD in this run (the statistics release)."""
-    sigma = stats_noise_multiplier(cfg)
-    return ((sigma, 1.0, 1),) if 0 < sigma < math.inf else ()
-
-
-@functools.lru_cache(maxsize=64)
-def _noise(target: float, delta: float, rate: float, steps: int, accountant: str, prior: tuple) -> float:
-    return noise_for_target(target, delta, rate, steps, accountant, prior=prior)
-
-
-def dp_sgd_noise(cfg: ExperimentConfig, num_examples: int) -> float:
-    """The configured DP-SGD noise, or the noise that with :func:`stats_prior` meets the target."""
-    p, f = cfg.privacy, cfg.federation
-    if p.noise_multiplier is not None:
-        return p.noise_multiplier
-    if math.isinf(p.target_epsilon):
-        return 0.0  # the frontier's right end: DP-SGD's clipping, no noise (epsilon = inf)
-    rate, steps = planned_steps(num_examples, f.batch_size, f.local_epochs, f.num_rounds)
-    return _noise(p.target_epsilon, p.delta, rate, steps, p.accountant, stats_prior(cfg))
 
 
 def is_stats_query(msg: Message) -> bool:

@@ -26,10 +26,12 @@ from fedmer.data.feature_stats import FEATURE_STATS_JSON
 from fedmer.data.registry import load_client_dataset, load_split
 from fedmer.grid import PartitionOrderedGrid
 from fedmer.models import build_model_for
+from fedmer.models.multimodal import MultimodalEmotionNet
 from fedmer.plots import plot_learning_curve
 from fedmer.privacy.client_level import client_level_epsilon
+from fedmer.privacy.run_noise import release_skipped_because
 from fedmer.results import RunRecorder
-from fedmer.standardization import collect_feature_stats, release_skipped_because
+from fedmer.standardization import collect_feature_stats
 from fedmer.strategies import AccountedStrategy, RoundReport, build_strategy
 from fedmer.train import evaluate_model
 
@@ -115,7 +117,9 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
     return nodes
 
 
-def _standardize(grid: Grid, cfg: ExperimentConfig, model: torch.nn.Module, out_dir: Path) -> dict[str, Any]:
+def _standardize(
+    grid: Grid, cfg: ExperimentConfig, model: MultimodalEmotionNet, out_dir: Path
+) -> dict[str, Any]:
     """Federated feature statistics into the global model before round 1 (data.standardize)."""
     skipped = release_skipped_because(cfg)
     if skipped:

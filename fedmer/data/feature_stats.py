@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 FEATURE_STATS_JSON = "feature_stats.json"
 #: A std below this (a constant feature) is replaced by 1: dividing would only amplify noise.
 MIN_STD = 1e-6
-_SUMS = STATS_SUMS  # the StatsRelease fields that are sums, also the message's array keys
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,7 @@ def combine_releases(
         raise ValueError(
             f"clients released statistics with different settings or shapes: {sorted(map(str, kinds))}"
         )
-    total = {k: sum(getattr(r, k) for r in releases.values()) for k in _SUMS}
+    total = {k: sum(getattr(r, k) for r in releases.values()) for k in STATS_SUMS}
     counts = sum(r.count for r in releases.values()) / first.count_scale
     owner = np.full(len(total["sum_mean"]), -1, dtype=np.int64)
     for m, (a, b) in enumerate(feature_slices):
@@ -273,5 +272,5 @@ def combine_releases(
 
 def exact_feature_stats(data: MultimodalDataset) -> FeatureStats:
     """The statistics of ``data`` itself, as a centralised trainer (or a shadow model) computes them."""
-    release = local_release(data, clip_norm=math.inf, noise_multiplier=0.0, rng=np.random.default_rng(0))
+    release = local_release(data, clip_norm=math.inf, noise_multiplier=0.0, rng=None)
     return combine_releases({0: release}, data.feature_slices)

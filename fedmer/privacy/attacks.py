@@ -30,7 +30,7 @@ from fedmer.data.feature_stats import exact_feature_stats
 from fedmer.models import build_model_for
 from fedmer.privacy.engine import PrivacyHistory, make_private, planned_steps
 from fedmer.privacy.roc import AttackResult
-from fedmer.standardization import dp_sgd_noise
+from fedmer.privacy.run_noise import dp_sgd_noise
 from fedmer.train import make_loader, seed_everything, train_epochs
 
 __all__ = [

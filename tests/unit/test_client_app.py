@@ -172,7 +172,7 @@ def test_statistics_release_is_paid_for_before_it_leaves_and_counted_in_training
     """data.standardize=federated under DP-SGD: ledger first, then noised sums; epsilon includes it."""
     from client.app import query, train
     from fedmer.privacy.ledger import read_ledger
-    from fedmer.standardization import dp_sgd_noise, stats_noise_multiplier
+    from fedmer.privacy.run_noise import dp_sgd_noise, stats_noise_multiplier
 
     flat = FLAT | {"data.standardize": "federated", "output.dir": str(tmp_path)}
     cfg = ExperimentConfig.from_run_config(flat)

@@ -91,7 +91,7 @@ def test_federated_standardisation_is_refused_with_client_level_dp() -> None:
 
 
 def test_infinite_target_means_dp_sgd_clipping_without_noise() -> None:
-    from fedmer.standardization import dp_sgd_noise as _noise_multiplier
+    from fedmer.privacy.run_noise import dp_sgd_noise as _noise_multiplier
 
     cfg = ExperimentConfig(privacy=PrivacyConfig(target_epsilon=math.inf))
     assert _noise_multiplier(cfg, 640) == 0.0

@@ -124,7 +124,7 @@ def test_a_share_too_small_to_certify_releases_nothing_and_says_why(tmp_path) ->
     floor = compute_epsilon(PrivacyHistory(((1e6, 1.0, 1),)), 1e-5)  # Opacus' default orders, up to 63
     assert 0.1 < floor < 0.11
     from fedmer.models import build_model_for
-    from fedmer.standardization import dp_sgd_noise, release_skipped_because, stats_prior
+    from fedmer.privacy.run_noise import dp_sgd_noise, release_skipped_because, stats_prior
     from server.app import _standardize
 
     flat = FLAT | {"privacy.mode": "sample", "privacy.target_epsilon": 1.0, "output.dir": str(tmp_path)}

@@ -1,0 +1,76 @@
+"""The noise a run's config implies for each sample-level release, from the target epsilon.
+
+Two releases spend a client's per-sample budget in one run: the feature-statistics release
+of ``data.standardize=federated`` (once, before round 1) and DP-SGD (every round). Both the
+ClientApp and the membership audit's shadow models need the same numbers, so they are
+derived here, once, from the config: the release gets the smallest noise that spends
+``privacy.stats_epsilon_fraction x target_epsilon`` on its own, and DP-SGD the smallest
+noise that, composed with the release, stays within ``target_epsilon`` for the whole run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from fedmer.config import ExperimentConfig
+from fedmer.privacy.engine import HistoryEntry, gaussian_release_noise, noise_for_target, planned_steps
+
+__all__ = ["dp_sgd_noise", "release_skipped_because", "stats_noise_multiplier", "stats_prior"]
+
+
+def stats_noise_multiplier(cfg: ExperimentConfig) -> float:
+    """Noise multiplier of the statistics release: 0 without DP-SGD or for target epsilon inf.
+
+    ``inf`` when the release's share of the budget is below what the accountant can certify
+    for one Gaussian release at any noise (RDP at delta 1e-5 with Opacus' default orders:
+    about 0.103): then nothing is released and the inputs stay unstandardised (see
+    :func:`release_skipped_because`).
+    """
+    p = cfg.privacy
+    if cfg.data.standardize == "none" or not p.sample_level or math.isinf(p.target_epsilon):
+        return 0.0
+    return _release_noise(p.stats_epsilon_fraction * p.target_epsilon, p.delta, p.accountant)
+
+
+@functools.lru_cache(maxsize=32)
+def _release_noise(epsilon: float, delta: float, accountant: str) -> float:
+    try:
+        return gaussian_release_noise(epsilon, delta, accountant)
+    except ValueError:
+        return math.inf
+
+
+def release_skipped_because(cfg: ExperimentConfig) -> str | None:
+    """Why no statistics are released in this run (None when they are)."""
+    if not math.isinf(stats_noise_multiplier(cfg)):
+        return None
+    p = cfg.privacy
+    return (
+        f"privacy.stats_epsilon_fraction={p.stats_epsilon_fraction:g} of target_epsilon={p.target_epsilon:g} "
+        f"is epsilon {p.stats_epsilon_fraction * p.target_epsilon:.3g}, below what the {p.accountant} "
+        f"accountant can certify for one Gaussian release at delta {p.delta:g} with any noise; nothing "
+        "is released and the inputs stay unstandardised (raise privacy.stats_epsilon_fraction to release)"
+    )
+
+
+def stats_prior(cfg: ExperimentConfig) -> tuple[HistoryEntry, ...]:
+    """Accountant entries a node spends before DP-SGD in this run (the statistics release)."""
+    sigma = stats_noise_multiplier(cfg)
+    return ((sigma, 1.0, 1),) if 0 < sigma < math.inf else ()
+
+
+@functools.lru_cache(maxsize=64)
+def _noise(target: float, delta: float, rate: float, steps: int, accountant: str, prior: tuple) -> float:
+    return noise_for_target(target, delta, rate, steps, accountant, prior=prior)
+
+
+def dp_sgd_noise(cfg: ExperimentConfig, num_examples: int) -> float:
+    """The configured DP-SGD noise, or the noise that with :func:`stats_prior` meets the target."""
+    p, f = cfg.privacy, cfg.federation
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    if math.isinf(p.target_epsilon):
+        return 0.0  # the frontier's right end: DP-SGD's clipping, no noise (epsilon = inf)
+    rate, steps = planned_steps(num_examples, f.batch_size, f.local_epochs, f.num_rounds)
+    return _noise(p.target_epsilon, p.delta, rate, steps, p.accountant, stats_prior(cfg))
