@@ -16,7 +16,7 @@ test: setup
 	$(PY) -m pytest -q -ra $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not e2e" $(ARGS)
+	$(PY) -m pytest -q -ra -m "not e2e and not slow" $(ARGS)
 
 lint: setup
 	.venv/bin/ruff check .

@@ -53,10 +53,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from fedmer.privacy.audit import audit_run
-from simulations.run import experiment_from_hydra, run
+from fedmer.posthoc.audit.audit import audit_run
+from fedmer.results.layout import AUDIT_PNG
+from simulations.compose import compose_experiment
+from simulations.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS: tuple[tuple[str, list[str]], ...] = (
@@ -84,16 +84,12 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, privacy in RUNS:
             run_dir = Path(tmp) / label
-            with initialize_config_dir(
-                version_base="1.3", config_dir=str(ROOT / "configs"), job_name="audit"
-            ):
-                cfg = compose("config", [*overrides, *privacy, f"output.dir={run_dir}"])
-            exp = experiment_from_hydra(cfg)
+            exp = compose_experiment([*overrides, *privacy], run_dir)
             t0 = time.monotonic()
             summary = run(exp)
             t_run = time.monotonic() - t0
             report = audit_run(run_dir, client=0, shadows=args.shadows, seed=0)
-            shutil.copy(run_dir / "audit_roc.png", out / f"{args.name}_roc_{label}.png")
+            shutil.copy(run_dir / AUDIT_PNG, out / f"{args.name}_roc_{label}.png")
             final, attacks = summary["final"], report["attacks"]
             row = {
                 "run": label,

@@ -21,10 +21,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from hydra import compose, initialize_config_dir
 
 from fedmer.config import MODALITIES
-from simulations.run import experiment_from_hydra, run
+from simulations.compose import compose_experiment
+from simulations.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +33,7 @@ def main(overrides: list[str]) -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for choice in (*MODALITIES, "all"):
-            with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs"), job_name="gap"):
-                cfg = compose(
-                    "config", [*overrides, f"data.modalities={choice}", f"output.dir={tmp}/{choice}"]
-                )
-            exp = experiment_from_hydra(cfg)
+            exp = compose_experiment([*overrides, f"data.modalities={choice}"], f"{tmp}/{choice}")
             if exp.data.scenario == "clinic" and choice == "can":
                 continue  # no vehicle telemetry in hospitals
             t0 = time.monotonic()

@@ -15,7 +15,10 @@ with the training fold's statistics (a centralised reference: no federation cons
 L2 strength is fixed in advance (``--l2``), and a small sweep is printed too, so the reported
 line is not a best-of. Chance UAR is 1/8 = 0.125.
 
-    .venv/bin/python bench/ravdess_reference.py [--frontend logmel|mfcc] [--folds 6] [--repeats 5]
+:func:`heldout_reference` fits the same model on one run's own split (its training persons vs
+its held-out persons): ``bench.real_data_results``' logistic-regression rows.
+
+    .venv/bin/python -m bench.ravdess_reference [--frontend logmel|mfcc] [--folds 6] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import torch
 
 from fedmer.config import DataConfig
 from fedmer.data.audio_features import AudioFrontEnd, read_flac
+from fedmer.data.base import DatasetSplit, MultimodalDataset
 from fedmer.data.ravdess import expected_clip_ids, load_clips, resolve_root
-from fedmer.metrics import classification_report
+from fedmer.training.metrics import classification_report
 
 
 def fit_predict(
@@ -60,6 +64,24 @@ def fit_predict(
     opt.step(closure)
     with torch.no_grad():
         return model(b).argmax(dim=1).numpy()
+
+
+def clip_features(data: MultimodalDataset) -> np.ndarray:
+    """One vector per clip: mean and std over frames per modality, frame 0 of the face (constant)."""
+    cols = []
+    for name, (a, b) in zip(data.modalities, data.feature_slices, strict=True):
+        x = data.x[:, :, a:b]
+        cols += [x[:, 0]] if name == "face" else [x.mean(axis=1), x.std(axis=1)]
+    return np.concatenate(cols, axis=1)
+
+
+def heldout_reference(split: DatasetSplit, l2: float = 1e-2, standardise: bool = True) -> dict:
+    """Fit on ``split.train``, score on its held-out persons: the reference on a federated run's own split."""
+    k = split.test.num_classes
+    xtr, xte = clip_features(split.train), clip_features(split.test)
+    report = classification_report(split.test.y, fit_predict(xtr, split.train.y, xte, l2, k, standardise), k)
+    report.update(chance_uar=1.0 / k, train_samples=len(split.train), test_samples=len(split.test))
+    return report
 
 
 def unpooled_audio(cfg: DataConfig, with_face: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 from fedmer.config import DataConfig
 from fedmer.data.e4 import PHYSIO_FEATURES
 from fedmer.data.stress_predict import default_cache_dir, load_stress_predict, load_subjects, resolve_root
-from fedmer.metrics import classification_report
+from fedmer.training.metrics import classification_report
 
 CFG = DataConfig(name="stress_predict")
 

@@ -36,13 +36,9 @@ absent by design in clinic, so it has no row there. Takes about 7 s per scenario
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedmer.config import MODALITIES, DataConfig
 from fedmer.data.base import MultimodalDataset

@@ -17,9 +17,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["COMMAND_GROUP", "main"]
+
+#: Entry-point group of commands that live outside the library (``run`` is Hydra's, in
+#: ``simulations/``): the library never imports an app, the app registers itself here.
+COMMAND_GROUP = "fedmer.commands"
 
 _COMMANDS = {
     "run": "run a federated simulation (Hydra overrides follow)",
@@ -59,7 +64,7 @@ def _report(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="where to write the report (default: the sweep folder)")
     args = parser.parse_args(argv)
 
-    from fedmer.report import write_report
+    from fedmer.results.report import write_report
 
     try:
         print(write_report(args.sweep_dir, args.out))
@@ -83,7 +88,7 @@ def _post_hoc(
     """Run one post-hoc tool; a bad run folder or setting is one line on stderr and exit code 2."""
     import torch
 
-    from fedmer.run_artifacts import RunError
+    from fedmer.results.reader import RunError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # tiny models: one thread is faster, much faster on a busy machine
@@ -104,7 +109,7 @@ def _missing(argv: list[str]) -> int:
     parser.add_argument("--draws", type=int, default=5, help="random draws per rate (mean and sd reported)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from fedmer.evaluation.missing_report import format_table, missing_run
+    from fedmer.posthoc.missing.report import format_table, missing_run
 
     def run() -> dict:
         return missing_run(args.run_dir, args.out, rates=args.rates, draws=args.draws, seed=args.seed)
@@ -119,7 +124,7 @@ def _explain(argv: list[str]) -> int:
     which.add_argument("--n", type=int, default=6, help="explain N test samples drawn at random")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random choice of samples")
     args = parser.parse_args(argv)
-    from fedmer.explain_report import explain_run, format_explanations
+    from fedmer.posthoc.explain.report import explain_run, format_explanations
 
     def run() -> dict:
         return explain_run(args.run_dir, args.out, indices=args.index, n=args.n, seed=args.seed)
@@ -139,8 +144,8 @@ def _personalize(argv: list[str]) -> int:
     parser.add_argument("--no-dp", action="store_true", help="non-private fine-tune, for comparison")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from fedmer.personalize import PersonalizeSettings
-    from fedmer.personalize_report import format_table, personalize_run
+    from fedmer.posthoc.personalize.finetune import PersonalizeSettings
+    from fedmer.posthoc.personalize.report import format_table, personalize_run
 
     def run() -> dict:
         settings = PersonalizeSettings(
@@ -158,7 +163,64 @@ def _personalize(argv: list[str]) -> int:
     return _post_hoc("fedmer personalize", run, format_table, args)
 
 
-_POST_HOC = {"missing": _missing, "explain": _explain, "personalize": _personalize}
+def _audit(argv: list[str]) -> int:
+    """``fedmer audit``: membership-inference audit; writes RUN_DIR/audit.json and audit_roc.png."""
+    parser = argparse.ArgumentParser(
+        prog="fedmer audit",
+        description="Membership-inference audit (loss threshold, LiRA) of a run's final global model",
+    )
+    parser.add_argument("run_dir", type=Path, help="run folder holding config.json and model.pt")
+    parser.add_argument("--client", type=int, default=0, help="client whose training data are the members")
+    parser.add_argument("--shadows", type=int, default=8, help="LiRA shadow models (0: loss attack only)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds subsampling, shadow splits, bootstrap")
+    parser.add_argument(
+        "--no-background",
+        action="store_true",
+        help="train shadows on the candidates only (attacker without the other clients' data)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the audit report as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from fedmer.posthoc.audit import AuditError, audit_run, format_table
+    from fedmer.results.layout import AUDIT_JSON, AUDIT_PNG
+
+    try:
+        report = audit_run(
+            args.run_dir,
+            client=args.client,
+            shadows=args.shadows,
+            seed=args.seed,
+            background=not args.no_background,
+        )
+    except AuditError as err:
+        print(f"fedmer audit: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+        print(f"wrote {args.run_dir / AUDIT_JSON} and {args.run_dir / AUDIT_PNG}")
+    return 0
+
+
+def _plugin(command: str) -> Callable[[list[str]], int] | None:
+    """A command registered by an app under :data:`COMMAND_GROUP` (``run``), if installed."""
+    for ep in entry_points(group=COMMAND_GROUP):
+        if ep.name == command:
+            fn: Callable[[list[str]], int] = ep.load()
+            return fn
+    return None
+
+
+_HANDLERS: dict[str, Callable[[list[str]], int]] = {
+    "privacy": _privacy,
+    "report": _report,
+    "audit": _audit,
+    "missing": _missing,
+    "explain": _explain,
+    "personalize": _personalize,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,21 +242,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if command == "privacy":
-        return _privacy(rest)
-    if command == "report":
-        return _report(rest)
-    if command in _POST_HOC:
-        return _POST_HOC[command](rest)
-    if command == "audit":
-        from fedmer.audit_cli import main as audit_main
-
-        return audit_main(rest)
-    from simulations.run import main as hydra_main
-
-    sys.argv = ["fedmer run", *rest]
-    hydra_main()
-    return 0
+    if command in _HANDLERS:
+        return _HANDLERS[command](rest)
+    plugin = _plugin(command)
+    if plugin is None:
+        print(
+            f"fedmer {command}: not installed (no {COMMAND_GROUP!r} entry point named {command!r}); "
+            "reinstall the project with `pip install -e .` (make setup)",
+            file=sys.stderr,
+        )
+        return 2
+    return plugin(rest)
 
 
 if __name__ == "__main__":

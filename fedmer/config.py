@@ -13,9 +13,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from fedmer import registry
+from fedmer.errors import ConfigError
+
 __all__ = [
     "ALL_MODALITIES",
-    "DATASET_MODALITIES",
     "MODALITIES",
     "SCENARIOS",
     "STANDARDIZE",
@@ -35,52 +37,18 @@ MODALITIES: tuple[str, ...] = ("speech", "face", "physio", "can")
 #: Every modality any dataset may carry, in canonical order.
 ALL_MODALITIES: tuple[str, ...] = (*MODALITIES, "text")
 SCENARIOS: tuple[str, ...] = ("driving", "clinic")
-DATASETS: tuple[str, ...] = ("synthetic", "stress_predict", "ravdess", "meld")
-#: The modalities each dataset provides ("all" selects every one of them).
-DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
-    "synthetic": MODALITIES,
-    "stress_predict": MODALITIES,
-    "ravdess": ("speech", "face"),
-    "meld": ("text",),
-}
 AUDIO_FRONTENDS: tuple[str, ...] = ("logmel", "mfcc")
 TEXT_ENCODERS: tuple[str, ...] = ("tokens", "minilm")
 #: Input standardisation: none, or per-feature mean/std from the clients' (DP) sums.
 STANDARDIZE: tuple[str, ...] = ("none", "federated")
 PARTITION_SCHEMES: tuple[str, ...] = ("site", "dirichlet")
-FUSIONS: tuple[str, ...] = ("concat", "attention", "late", "coattention", "transformer", "gated")
-ENCODERS: tuple[str, ...] = ("tcn", "gru", "crnn", "functionals")
-AUX_LOSSES: tuple[str, ...] = ("none", "cca", "contrastive")
 PRIVACY_MODES: tuple[str, ...] = ("sample", "client", "both", "off")
 CLIENT_CLIPPINGS: tuple[str, ...] = ("fixed", "adaptive")
 CLIPPING_SIDES: tuple[str, ...] = ("server", "client")
-#: Strategies whose aggregation is FedAvg's, which Flower's client-level accountant requires.
-FEDAVG_AGGREGATION: tuple[str, ...] = ("fedavg", "fedprox")
-#: FedAvg followed by a server optimizer step: under client-level DP the noise goes on the
-#: average and the optimizer post-processes it (fedmer.privacy.server_optimizer).
-SERVER_OPTIMIZER_STRATEGIES: tuple[str, ...] = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
-#: Strategies client-level DP can wrap with an exact (accounted) client-level epsilon.
-CLIENT_DP_STRATEGIES: tuple[str, ...] = FEDAVG_AGGREGATION + SERVER_OPTIMIZER_STRATEGIES
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
-STRATEGIES: tuple[str, ...] = (
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedavgm",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-    "bulyan",
-)
+# Dataset, encoder, fusion, auxiliary-loss and strategy names are whatever fedmer.registry holds.
 #: Sentinel used in the flat run_config for "derive the noise from the target epsilon".
 AUTO = "auto"
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
 
 
 def _fail(key: str, value: object, allowed: str) -> None:
@@ -123,7 +91,7 @@ class DataConfig:
     standardize: str = "none"  # federated: per-feature mean/std from every client's sums before round 1
 
     def __post_init__(self) -> None:
-        _choice("data.name", self.name, DATASETS)
+        registry.DATASETS.check(self.name)
         _choice("data.standardize", self.standardize, STANDARDIZE)
         _choice("data.audio_frontend", self.audio_frontend, AUDIO_FRONTENDS)
         _choice("data.text_encoder", self.text_encoder, TEXT_ENCODERS)
@@ -148,7 +116,7 @@ class DataConfig:
     @property
     def modality_list(self) -> tuple[str, ...]:
         """The modalities this run uses, in the dataset's canonical order."""
-        offered = DATASET_MODALITIES[self.name]
+        offered: tuple[str, ...] = registry.DATASETS.meta(self.name)["modalities"]
         if self.modalities == "all":
             return offered
         chosen = [m.strip() for m in self.modalities.split(",") if m.strip()]
@@ -193,10 +161,10 @@ class ModelConfig:
     modality_dropout: float = 0.0  # training only: each present modality of a sample dropped w.p. this
 
     def __post_init__(self) -> None:
-        _choice("model.encoder", self.encoder, ENCODERS)
-        _choice("model.fusion", self.fusion, FUSIONS)
+        registry.ENCODERS.check(self.encoder)
+        registry.FUSIONS.check(self.fusion)
         _positive("model.hidden", self.hidden, integer=True)
-        _choice("model.aux_loss", self.aux_loss, AUX_LOSSES)
+        registry.AUX_LOSSES.check(self.aux_loss)
         if not (isinstance(self.aux_weight, (int, float)) and self.aux_weight >= 0):
             _fail("model.aux_weight", self.aux_weight, "expected a number >= 0")
         if not (isinstance(self.intensity_weight, (int, float)) and self.intensity_weight >= 0):
@@ -269,7 +237,7 @@ class PrivacyConfig:
                     "deriving the noise from privacy.target_epsilon needs an accountant, which Flower "
                     "has only for privacy.client_clipping=fixed; give a number for adaptive clipping",
                 )
-        elif self.client_level:
+        elif self.client_level and self.client_noise_multiplier is not None:  # None handled above
             _positive("privacy.client_noise_multiplier", self.client_noise_multiplier)
 
 
@@ -286,7 +254,7 @@ class StrategyConfig:
     num_malicious: int = 0
 
     def __post_init__(self) -> None:
-        _choice("strategy.name", self.name, STRATEGIES)
+        registry.STRATEGIES.check(self.name)
         if self.proximal_mu < 0:
             _fail("strategy.proximal_mu", self.proximal_mu, "expected >= 0")
         _positive("strategy.server_lr", self.server_lr)
@@ -369,13 +337,15 @@ class ExperimentConfig:
                 f"{fed.num_clients}; lower it or add clients",
             )
         p = self.privacy
-        if p.client_level and self.strategy.name not in CLIENT_DP_STRATEGIES:
+        strategy = registry.STRATEGIES.meta(self.strategy.name)
+        if p.client_level and not strategy.get("client_dp", False):
+            dp_able = [n for n in registry.STRATEGIES.names() if registry.STRATEGIES.meta(n).get("client_dp")]
             _fail(
                 "strategy.name",
                 self.strategy.name,
                 f"client-level DP adds noise calibrated to a mean of clipped updates, so it needs "
                 f"FedAvg's aggregation, optionally followed by a server optimizer "
-                f"({', '.join(CLIENT_DP_STRATEGIES)}); robust aggregators (median, trimmed mean, krum, "
+                f"({', '.join(dp_able)}); robust aggregators (median, trimmed mean, krum, "
                 "bulyan) are not means, so the noise would not bound their sensitivity",
             )
         if p.client_level and self.data.standardize != "none":
@@ -387,7 +357,7 @@ class ExperimentConfig:
                 "accountant cannot compose the statistics release; use data.standardize=none with "
                 "privacy.mode=client|both, or privacy.mode=sample|off",
             )
-        needed = _strategy_min_clients(self.strategy)
+        needed = int(strategy.get("min_clients", lambda f: 1)(self.strategy.num_malicious))
         if fed.clients_per_round < needed:
             _fail(
                 "federation.num_clients",
@@ -456,18 +426,6 @@ class ExperimentConfig:
             else:
                 flat[key] = value
         return cls.from_run_config(flat)
-
-
-def _strategy_min_clients(strategy: StrategyConfig) -> int:
-    """Replies an aggregation rule needs to tolerate ``num_malicious`` clients."""
-    f = strategy.num_malicious
-    if strategy.name == "bulyan":
-        return 4 * f + 3
-    if strategy.name in ("krum", "multikrum"):
-        return 2 * f + 3
-    if strategy.name == "fedtrimmedavg":
-        return 3
-    return 1
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

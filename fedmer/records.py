@@ -6,6 +6,9 @@ place rather than a silent mismatch between two string literals.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import cast
+
 __all__ = [
     "ARRAYS",
     "CLIENT_WEIGHT",
@@ -35,6 +38,7 @@ __all__ = [
     "TRAIN_LOSS",
     "UPDATE_CLIPPED",
     "UPDATE_NORM",
+    "scalar",
 ]
 
 # RecordDict keys (Flower strategies use "arrays" / "config" by default)
@@ -72,3 +76,12 @@ STATS_SUMS = ("sum_mean", "sum_mean_sq", "sum_std", "sum_std_sq")  # the StatsRe
 STATS_COUNT = "count"
 STATS_CLIP_NORM = "stats_clip_norm"
 STATS_NOISE_MULTIPLIER = "stats_noise_multiplier"
+
+
+def scalar(record: Mapping[str, object], key: str, default: float | None = None) -> float:
+    """``record[key]`` (``record.get(key, default)`` when a default is given), typed as a number.
+
+    Flower types a record's values as a union of numbers, strings, lists and arrays; the keys
+    above that hold one number say so here. Nothing is converted: an int comes back an int.
+    """
+    return cast(float, record[key] if default is None else record.get(key, default))

@@ -46,8 +46,8 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> None:
-    """Run ``cfg`` to completion; results land in ``cfg.output_dir``."""
+def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> int:
+    """Run ``cfg`` to completion; return Flower's run id (results land in ``output.dir`` with it)."""
     # Imported here so that `fedmer` stays importable without the app packages.
     from client.app import app as client_app
     from server.app import app as server_app
@@ -77,3 +77,4 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> None:
         is_app=True,  # makes the runtime fuse pyproject defaults with run.override_config
         verbose_logging=verbose,
     )
+    return run_id

@@ -13,42 +13,30 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedmer.config import ConfigError, ExperimentConfig
+from fedmer.data.registry import check_partitions
+from fedmer.results.layout import SUMMARY_JSON, run_dir
+from simulations.compose import CONFIG_DIR, experiment_from_hydra
+from simulations.launch import simulate
 
-__all__ = ["experiment_from_hydra", "main", "run"]
+__all__ = ["CONFIG_DIR", "cli", "experiment_from_hydra", "main", "run"]
 
 log = logging.getLogger("fedmer")
 
-#: configs/ beside this package (absolute, so `fedmer run` finds it from any working directory).
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def experiment_from_hydra(cfg: DictConfig) -> ExperimentConfig:
-    """The validated experiment for a composed Hydra config (unknown keys are an error)."""
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.pop("hydra", None)
-    nested: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    return ExperimentConfig.from_nested(nested)
-
 
 def run(exp: ExperimentConfig) -> dict[str, Any]:
-    """Check partitions, run the simulation, return the run's summary."""
-    from server.app import check_partitions, resolve_output_dir
-    from simulations.launch import simulate
-
+    """Check partitions, run the simulation, return the run's summary (plus ``run_dir``, its folder)."""
     check_partitions(exp)  # fails before Ray starts if a client would be empty
-    simulate(exp)
-    summary_path = resolve_output_dir(exp, 0) / "summary.json"
+    run_id = simulate(exp)
+    summary_path = run_dir(exp.output_dir, run_id) / SUMMARY_JSON
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return json.loads(summary_path.read_text())
+    return {**json.loads(summary_path.read_text()), "run_dir": str(summary_path.parent)}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -71,8 +59,15 @@ def main(cfg: DictConfig) -> float:
         final["delta"],
         summary["privacy"]["unit"],
     )
-    log.info("results: %s", Path(exp.output_dir).resolve())
+    log.info("results: %s", summary["run_dir"])
     return float(final["uar"])
+
+
+def cli(argv: list[str]) -> int:
+    """``fedmer run [overrides...]`` (registered as the ``run`` entry point of ``fedmer.commands``)."""
+    sys.argv = ["fedmer run", *argv]
+    main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,17 +29,11 @@ def _one_thread():
     yield
 
 
-def compose(overrides: list[str] | None = None, output_dir: str = "outputs/flwr/{run_id}"):
-    """Compose configs/config.yaml with overrides, as `python -m simulations.run` would.
+def compose(overrides: list[str] | None = None, output_dir: str = "outputs/flwr/{run_id}"):  # type: ignore[no-untyped-def]
+    """Compose configs/config.yaml with overrides, as `python -m simulations.run` would."""
+    from simulations.compose import compose_config
 
-    Outside ``@hydra.main`` there is no run folder, so ``output.dir`` is set explicitly.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    overrides = [*(overrides or []), f"output.dir='{output_dir}'"]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS), job_name="test"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides, output_dir)
 
 
 class NodeListGrid(Grid):

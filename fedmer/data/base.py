@@ -9,13 +9,14 @@ on any subset of modalities.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["DatasetSplit", "MultimodalDataset"]
+__all__ = ["DatasetSplit", "MultimodalDataset", "concat_datasets"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +123,36 @@ class DatasetSplit:
         shared = set(self.train.person.tolist()) & set(self.test.person.tolist())
         if shared:
             raise ValueError(f"test persons also appear in training: {sorted(shared)[:10]}")
+
+
+def concat_datasets(parts: Sequence[MultimodalDataset]) -> MultimodalDataset:
+    """The samples of ``parts`` in order, as one dataset (same modalities, slices and classes)."""
+    if not parts:
+        raise ValueError("concat_datasets needs at least one dataset")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        for attr in ("modalities", "feature_slices", "class_names", "intensity_names"):
+            if getattr(part, attr) != getattr(first, attr):
+                raise ValueError(
+                    f"dataset {i} has {attr}={getattr(part, attr)!r} but dataset 0 has "
+                    f"{getattr(first, attr)!r}: only datasets of the same layout can be pooled"
+                )
+        if part.x.shape[1:] != first.x.shape[1:]:
+            raise ValueError(
+                f"dataset {i} has samples of shape {part.x.shape[1:]}, dataset 0 {first.x.shape[1:]}"
+            )
+    labelled = [p.intensity is not None for p in parts]
+    if any(labelled) and not all(labelled):
+        raise ValueError("some datasets have intensity labels and some do not: cannot pool them")
+    return MultimodalDataset(
+        x=np.concatenate([p.x for p in parts]),
+        mask=np.concatenate([p.mask for p in parts]),
+        y=np.concatenate([p.y for p in parts]),
+        person=np.concatenate([p.person for p in parts]),
+        site=np.concatenate([p.site for p in parts]),
+        modalities=first.modalities,
+        feature_slices=first.feature_slices,
+        class_names=first.class_names,
+        intensity=np.concatenate([p.intensity for p in parts]) if all(labelled) else None,
+        intensity_names=first.intensity_names,
+    )

@@ -35,7 +35,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -43,7 +43,6 @@ from fedmer.data.base import MultimodalDataset
 from fedmer.records import STATS_SUMS
 
 __all__ = [
-    "FEATURE_STATS_JSON",
     "FeatureStats",
     "StatsRelease",
     "combine_releases",
@@ -54,8 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: File in the run folder holding the statistics the global model standardises with.
-FEATURE_STATS_JSON = "feature_stats.json"
 #: A std below this (a constant feature) is replaced by 1: dividing would only amplify noise.
 MIN_STD = 1e-6
 
@@ -190,6 +187,8 @@ def local_release(
     )
     if noise_multiplier == 0.0:
         return release
+    if rng is None:  # unreachable: a noised release without rng is rejected above
+        raise ValueError("a noised release needs a random generator (rng=None given)")
     std_noise = release.noise_std
     return dataclasses.replace(
         release,
@@ -214,7 +213,8 @@ def combine_releases(
             f"clients released statistics with different settings or shapes: {sorted(map(str, kinds))}"
         )
     total = {k: sum(getattr(r, k) for r in releases.values()) for k in STATS_SUMS}
-    counts = sum(r.count for r in releases.values()) / first.count_scale
+    # releases is non-empty, so the sum is an array (never sum()'s start value 0)
+    counts = cast(np.ndarray, sum(r.count for r in releases.values())) / first.count_scale
     owner = np.full(len(total["sum_mean"]), -1, dtype=np.int64)
     for m, (a, b) in enumerate(feature_slices):
         owner[a:b] = m

@@ -251,7 +251,7 @@ def _text_features(cfg: DataConfig, folder: Path, data: MeldUtterances) -> np.nd
     return vectors.reshape(len(data.text), 1, MINILM_DIM)
 
 
-@register_dataset("meld")
+@register_dataset("meld", modalities=("text",))
 def load_meld(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
     """Train and held-out-speaker test utterances of MELD, speakers grouped into sites."""
     folder = resolve_root(cfg.root)

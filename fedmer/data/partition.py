@@ -93,7 +93,7 @@ def drop_modalities(client: MultimodalDataset, rate: float, rng: np.random.Gener
     any of its samples ends up blind. Under ``site`` all of a client's samples share
     one sensor kit, so this is just "keep at least one modality the client had".
     """
-    drop = rng.random(client.mask.shape[1]) < rate
+    drop = rng.random(int(client.mask.shape[1])) < rate
     keep = ~drop
     while True:
         mask = client.mask & keep[None, :]

@@ -291,7 +291,7 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
     )
 
 
-@register_dataset("ravdess")
+@register_dataset("ravdess", modalities=("speech", "face"))
 def load_ravdess(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
     """Train and held-out-actor test clips of RAVDESS speech (+ face), actors grouped into sites."""
     # Assign sites first: a federation too large for 24 actors fails before any audio is read.

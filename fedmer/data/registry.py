@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from fedmer.config import ConfigError, DataConfig, ExperimentConfig, PartitionConfig
+from fedmer import registry
+from fedmer.config import MODALITIES, ConfigError, DataConfig, ExperimentConfig, PartitionConfig
 from fedmer.data.base import DatasetSplit, MultimodalDataset
 from fedmer.data.partition import partition_clients
 from fedmer.data.synthetic import generate_synthetic
@@ -20,6 +21,7 @@ from fedmer.data.synthetic import generate_synthetic
 __all__ = [
     "DatasetLoader",
     "available_datasets",
+    "check_partitions",
     "clear_data_cache",
     "load_client_dataset",
     "load_split",
@@ -29,24 +31,20 @@ __all__ = [
 #: A loader builds the train/test split from the data section, the number of sites and a seed.
 DatasetLoader = Callable[[DataConfig, int, int], DatasetSplit]
 
-_LOADERS: dict[str, DatasetLoader] = {}
+def register_dataset(
+    name: str, modalities: tuple[str, ...] = MODALITIES
+) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: make ``loader`` available as ``data.name=<name>``, recording ``modalities``.
 
-
-def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Decorator: make ``loader`` available as ``data.name=<name>``."""
-
-    def wrap(loader: DatasetLoader) -> DatasetLoader:
-        if name in _LOADERS and _LOADERS[name] is not loader:
-            raise ValueError(f"dataset {name!r} is already registered")
-        _LOADERS[name] = loader
-        return loader
-
-    return wrap
+    ``modalities`` are what the dataset records, in canonical order: what ``data.modalities``
+    may select from (``all`` selects every one).
+    """
+    return registry.DATASETS.register(name, modalities=tuple(modalities))
 
 
 def available_datasets() -> tuple[str, ...]:
     """Registered dataset names, sorted."""
-    return tuple(sorted(_LOADERS))
+    return registry.DATASETS.names()
 
 
 register_dataset("synthetic")(generate_synthetic)
@@ -54,11 +52,7 @@ register_dataset("synthetic")(generate_synthetic)
 
 @functools.lru_cache(maxsize=8)
 def _split(data: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
-    loader = _LOADERS.get(data.name)
-    if loader is None:
-        raise ConfigError(
-            f"invalid data.name={data.name!r}: no such dataset; registered: {', '.join(available_datasets())}"
-        )
+    loader: DatasetLoader = registry.DATASETS.get(data.name)
     return loader(data, num_sites, seed)
 
 
@@ -85,6 +79,11 @@ def load_client_dataset(cfg: ExperimentConfig, partition_id: int) -> MultimodalD
             "or num-supernodes) agree with federation.num_clients"
         )
     return _partitions(cfg.data, cfg.partition, n, cfg.seed)[partition_id]
+
+
+def check_partitions(cfg: ExperimentConfig) -> list[int]:
+    """Build every client's partition once, so a bad partition fails before round 1; their sizes."""
+    return [len(load_client_dataset(cfg, pid)) for pid in range(cfg.federation.num_clients)]
 
 
 def clear_data_cache() -> None:

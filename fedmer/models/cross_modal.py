@@ -32,6 +32,8 @@ class ModalityCrossAttention(nn.Module):
     modality takes in is strictly cross-modal, and absent modalities are never read.
     """
 
+    others: Tensor
+
     def __init__(self, num_modalities: int, hidden: int, heads: int | None = None) -> None:
         super().__init__()
         self.heads = heads or _heads(hidden)
@@ -59,6 +61,8 @@ class ModalityCrossAttention(nn.Module):
 
 class _TokenFusion(Fusion):
     """Shared pieces: typed modality tokens and an attentive pool over present tokens."""
+
+    modality_index: Tensor
 
     def __init__(self, num_modalities: int, hidden: int, num_outputs: int) -> None:
         super().__init__(num_modalities, hidden, num_outputs)

@@ -18,6 +18,7 @@ import torch
 from opacus.layers import DPGRU
 from torch import Tensor, nn
 
+from fedmer import registry
 from fedmer.config import ConfigError
 
 __all__ = [
@@ -248,12 +249,14 @@ class FunctionalsEncoder(nn.Module):
 EncoderFactory = Callable[[int, int], nn.Module]
 
 #: name -> factory ``(in_dim, hidden) -> module mapping (B, T, in_dim) to (B, hidden)``.
-ENCODERS: dict[str, EncoderFactory] = {
-    "tcn": TCNEncoder,
-    "gru": GRUEncoder,
-    "crnn": CRNNEncoder,
-    "functionals": FunctionalsEncoder,
-}
+ENCODERS = registry.ENCODERS
+for _name, _factory in (
+    ("tcn", TCNEncoder),
+    ("gru", GRUEncoder),
+    ("crnn", CRNNEncoder),
+    ("functionals", FunctionalsEncoder),
+):
+    ENCODERS.register(_name, _factory)
 
 
 #: modality -> factory that replaces ``model.encoder`` for that modality, for inputs whose
@@ -279,9 +282,8 @@ def build_encoder(name: str, in_dim: int, hidden: int, modality: str | None = No
     if modality is not None and modality in MODALITY_ENCODERS:
         logger.debug("encoder for modality %s: in_dim=%d hidden=%d", modality, in_dim, hidden)
         return MODALITY_ENCODERS[modality](in_dim, hidden)
-    if name not in ENCODERS:
-        raise ConfigError(f"invalid model.encoder={name!r}: expected one of {', '.join(sorted(ENCODERS))}")
+    factory = ENCODERS.get(name)
     if in_dim <= 0:
         raise ConfigError(f"invalid encoder input width {in_dim}: every modality needs >= 1 feature column")
     logger.debug("encoder %s: in_dim=%d hidden=%d", name, in_dim, hidden)
-    return ENCODERS[name](in_dim, hidden)
+    return factory(in_dim, hidden)

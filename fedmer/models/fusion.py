@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from fedmer.config import ConfigError
+from fedmer import registry
 from fedmer.models.cross_modal import CoAttentionFusion, CrossModalTransformerFusion
 from fedmer.models.fusion_base import (
     Fusion,
@@ -68,6 +68,8 @@ class AttentionFusion(Fusion):
     identity as well as by content. Absent modalities get exactly zero weight; with none
     present every weight is zero and the fused vector is zero (no NaN).
     """
+
+    modality_index: Tensor
 
     def __init__(self, num_modalities: int, hidden: int, num_outputs: int) -> None:
         super().__init__(num_modalities, hidden, num_outputs)
@@ -120,19 +122,20 @@ class LateFusion(Fusion):
 FusionFactory = Callable[[int, int, int], Fusion]
 
 #: name -> factory ``(num_modalities, hidden, num_outputs) -> Fusion``.
-FUSIONS: dict[str, FusionFactory] = {
-    "concat": ConcatFusion,
-    "attention": AttentionFusion,
-    "late": LateFusion,
-    "coattention": CoAttentionFusion,
-    "transformer": CrossModalTransformerFusion,
-    "gated": GatedFusion,
-}
+FUSIONS = registry.FUSIONS
+for _name, _factory in (
+    ("concat", ConcatFusion),
+    ("attention", AttentionFusion),
+    ("late", LateFusion),
+    ("coattention", CoAttentionFusion),
+    ("transformer", CrossModalTransformerFusion),
+    ("gated", GatedFusion),
+):
+    FUSIONS.register(_name, _factory)
 
 
 def build_fusion(name: str, num_modalities: int, hidden: int, num_outputs: int) -> Fusion:
     """Instantiate a registered fusion; unknown names fail listing the valid ones."""
-    if name not in FUSIONS:
-        raise ConfigError(f"invalid model.fusion={name!r}: expected one of {', '.join(sorted(FUSIONS))}")
+    factory = FUSIONS.get(name)
     logger.debug("fusion %s: M=%d hidden=%d outputs=%d", name, num_modalities, hidden, num_outputs)
-    return FUSIONS[name](num_modalities, hidden, num_outputs)
+    return factory(num_modalities, hidden, num_outputs)

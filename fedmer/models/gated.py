@@ -22,6 +22,8 @@ __all__ = ["GatedFusion"]
 class GatedFusion(Fusion):
     """``w = softmax_present(G [h_1..h_M, mask])``, ``fused = sum_m w_m tanh(W (h_m + e_m))``."""
 
+    modality_index: Tensor
+
     def __init__(self, num_modalities: int, hidden: int, num_outputs: int) -> None:
         super().__init__(num_modalities, hidden, num_outputs)
         self.type_embedding = nn.Embedding(num_modalities, hidden)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,14 @@ if TYPE_CHECKING:
 __all__ = ["ModelOutput", "MultimodalEmotionNet", "build_model", "build_model_for", "count_parameters"]
 
 logger = logging.getLogger(__name__)
+
+
+class _FunctionalStatsEncoder(Protocol):
+    """An encoder with per-clip functional statistics (e.g. ``FunctionalsEncoder``), found by duck typing."""
+
+    def enable_functional_stats(self) -> None: ...
+
+    def set_functional_stats(self, shift: Tensor, scale: Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ class MultimodalEmotionNet(nn.Module):
         self.standardizer = InputStandardizer(self.num_features) if standardize else None
         for enc in self.encoders if standardize else ():
             if hasattr(enc, "enable_functional_stats"):
-                enc.enable_functional_stats()
+                cast(_FunctionalStatsEncoder, enc).enable_functional_stats()
 
     def set_feature_stats(self, stats: FeatureStats) -> None:
         """Standardise inputs (and per-clip functionals, for encoders that have them) with ``stats``.
@@ -125,7 +133,7 @@ class MultimodalEmotionNet(nn.Module):
             )
             shift = torch.cat([torch.zeros(b - a), std_mean / sd])
             scale = torch.cat([sd / mean_sd, sd / std_sd])
-            enc.set_functional_stats(shift, scale)
+            cast(_FunctionalStatsEncoder, enc).set_functional_stats(shift, scale)
 
     @property
     def num_modalities(self) -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedmer.config import ConfigError
+from fedmer import registry
 from fedmer.models.fusion_base import present_of, uniform_weights, zero_absent
 
 __all__ = [
@@ -50,6 +50,9 @@ class AuxObjective(nn.Module):
     Pair terms average over the pairs of modalities present in that sample (0 when it has
     fewer than two), so a sample's loss never depends on another sample's mask.
     """
+
+    pair_i: Tensor
+    pair_j: Tensor
 
     def __init__(self, num_modalities: int) -> None:
         super().__init__()
@@ -80,6 +83,9 @@ class CCAAlignment(AuxObjective):
     cannot stop the encoders from collapsing every embedding to one direction; the
     classification loss is what keeps them discriminative.
     """
+
+    basis: Tensor
+    identity: Tensor
 
     def __init__(self, num_modalities: int, hidden: int, dim: int | None = None, ortho: float = 1.0) -> None:
         super().__init__(num_modalities)
@@ -120,6 +126,8 @@ class PrototypeContrastive(AuxObjective):
     class-level push without that coupling.
     """
 
+    class_index: Tensor
+
     def __init__(
         self, num_modalities: int, hidden: int, num_classes: int, dim: int | None = None, tau: float = 0.2
     ) -> None:
@@ -144,18 +152,17 @@ class PrototypeContrastive(AuxObjective):
 
 
 #: ``model.aux_loss`` values with an objective (``none`` has none).
-AUX_OBJECTIVES: tuple[str, ...] = ("cca", "contrastive")
+AUX_OBJECTIVES = registry.AUX_LOSSES
+AUX_OBJECTIVES.register("cca", lambda m, hidden, _classes: CCAAlignment(m, hidden))
+AUX_OBJECTIVES.register("contrastive", PrototypeContrastive)
 
 
 def build_aux_objective(name: str, num_modalities: int, hidden: int, num_classes: int) -> AuxObjective | None:
     """The objective for ``model.aux_loss``; None for ``none``; unknown names fail listing valid ones."""
+    AUX_OBJECTIVES.check(name)
     if name == "none":
         return None
-    if name == "cca":
-        return CCAAlignment(num_modalities, hidden)
-    if name == "contrastive":
-        return PrototypeContrastive(num_modalities, hidden, num_classes)
-    raise ConfigError(f"invalid model.aux_loss={name!r}: expected one of none, {', '.join(AUX_OBJECTIVES)}")
+    return AUX_OBJECTIVES.get(name)(num_modalities, hidden, num_classes)
 
 
 def intensity_loss(logits: Tensor, intensity: Tensor) -> Tensor:

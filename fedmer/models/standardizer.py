@@ -20,6 +20,9 @@ __all__ = ["InputStandardizer"]
 class InputStandardizer(nn.Module):
     """``x (B, T, F) -> (x - shift) * scale`` per feature; identity until :meth:`set_stats`."""
 
+    shift: Tensor
+    scale: Tensor
+
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.register_buffer("shift", torch.zeros(num_features))

@@ -1,29 +1,33 @@
-"""A node's budget for one round: find its ledger, check the cap, record the spend.
+"""A node's privacy state, owned by one object: the run's accountant history and the node's ledger.
 
-The ClientApp calls :func:`open_budget` before training. The round's DP-SGD steps are
-known in advance (Poisson sampling runs ``len(loader)`` steps per epoch), so the spend
-is checked against the cap and written to the ledger *before* training: a node that
-crashes mid-round has still paid for what it may have released.
+Two records of spend exist on a node and must never disagree: the accountant history of
+*this run* (kept in Flower's ``Context.state``, so epsilon accumulates over every round the
+node joins), and the node's *ledger* file (every run, every round, with its cap).
+:class:`NodePrivacy` is the only code that reads or writes either. Every release is charged
+before anything leaves the node: :meth:`NodePrivacy.charge` checks the planned spend against
+the cap and writes it to the ledger first, so a node that crashes mid-round has still paid for
+what it may have released.
 
 Where the ledger lives: a real SuperNode names its file in its node config
-(``--node-config "ledger-path=/var/lib/fedmer/ledger.json"``), so it survives runs and
-the server cannot move it; in simulation each virtual node gets
-``<run folder>/ledgers/client-<partition>.json``.
+(``--node-config "ledger-path=/var/lib/fedmer/ledger.json"``), so it survives runs and the
+server cannot move it; in simulation the caller passes a default under the run folder.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 
+from fedmer import records as rk
 from fedmer.config import ExperimentConfig
-from fedmer.privacy.engine import PrivacyHistory
-from fedmer.privacy.ledger import PrivacyLedger, load_ledger
+from fedmer.privacy.engine import HistoryEntry, PrivacyHistory, compute_epsilon
+from fedmer.privacy.ledger import load_ledger
 
-__all__ = ["LEDGER_PATH_KEY", "NodeBudget", "ledger_path", "open_budget"]
+__all__ = ["LEDGER_PATH_KEY", "NodePrivacy", "ledger_path"]
 
 log = logging.getLogger(__name__)
 
@@ -31,50 +35,60 @@ log = logging.getLogger(__name__)
 LEDGER_PATH_KEY = "ledger-path"
 
 
-def ledger_path(context: Context, cfg: ExperimentConfig, partition_id: int) -> Path:
-    """The node's own ledger file, or the simulation default under the run folder."""
-    if LEDGER_PATH_KEY in context.node_config:
-        return Path(str(context.node_config[LEDGER_PATH_KEY])).expanduser()
-    run_dir = Path(cfg.output_dir.replace("{run_id}", str(context.run_id))).expanduser()
-    return run_dir / "ledgers" / f"client-{partition_id}.json"
+def ledger_path(node_config: Mapping[str, Any], default: Path) -> Path:
+    """The node's own ledger file (``ledger-path`` in its node config), else ``default``."""
+    if LEDGER_PATH_KEY in node_config:
+        return Path(str(node_config[LEDGER_PATH_KEY])).expanduser()
+    return default
 
 
-@dataclass(frozen=True)
-class NodeBudget:
-    """The ledger after this round's planned spend was checked and recorded."""
+class NodePrivacy:
+    """One node's spend in this run (``Context.state``) and over its lifetime (its ledger)."""
 
-    ledger: PrivacyLedger
-    epsilon_after: float
+    def __init__(self, context: Context, cfg: ExperimentConfig, partition_id: int, ledger: Path) -> None:
+        self.context = context
+        self.privacy = cfg.privacy
+        self.partition_id = partition_id
+        self.ledger = ledger
 
     @property
     def history(self) -> PrivacyHistory:
-        return self.ledger.history
+        """This run's accountant history on this node (empty before its first release)."""
+        state = self.context.state
+        if rk.PRIVACY_STATE not in state:
+            return PrivacyHistory()
+        return PrivacyHistory.from_lists(dict(state[rk.PRIVACY_STATE]))
 
+    def charge(self, planned: HistoryEntry, server_round: int) -> float:
+        """Check ``planned`` (noise, rate, steps) against the cap, record it; the lifetime epsilon after.
 
-def open_budget(
-    context: Context,
-    cfg: ExperimentConfig,
-    partition_id: int,
-    planned: tuple[float, float, int],
-    server_round: int,
-) -> NodeBudget:
-    """Check ``planned`` (noise, sample rate, steps) against the cap; record it; or raise BudgetExceeded."""
-    p = cfg.privacy
-    ledger = load_ledger(
-        ledger_path(context, cfg, partition_id),
-        node=f"client-{partition_id}",
-        accountant=p.accountant,
-        delta=p.delta,
-        cap=p.budget_cap,
-    )
-    after = ledger.check_budget([planned])
-    ledger = ledger.record([planned], run_id=context.run_id, server_round=server_round)
-    log.info(
-        "client %d: ledger %s now at epsilon %.3f (delta %g, cap %g)",
-        partition_id,
-        ledger.path,
-        after,
-        p.delta,
-        p.budget_cap,
-    )
-    return NodeBudget(ledger, after)
+        Raises :class:`fedmer.privacy.ledger.BudgetExceeded` when the cap would be passed.
+        """
+        p = self.privacy
+        ledger = load_ledger(
+            self.ledger,
+            node=f"client-{self.partition_id}",
+            accountant=p.accountant,
+            delta=p.delta,
+            cap=p.budget_cap,
+        )
+        after = ledger.check_budget([planned])
+        ledger = ledger.record([planned], run_id=self.context.run_id, server_round=server_round)
+        log.info(
+            "client %d: ledger %s now at epsilon %.3f (delta %g, cap %g)",
+            self.partition_id,
+            ledger.path,
+            after,
+            p.delta,
+            p.budget_cap,
+        )
+        return after
+
+    def commit(self, history: PrivacyHistory) -> None:
+        """Store this run's history after a release (the accountant resumes from it next time)."""
+        # dict(): a copy typed with ConfigRecord's own value union (dict is invariant in its values)
+        self.context.state[rk.PRIVACY_STATE] = ConfigRecord(dict(history.to_lists()))
+
+    def epsilon(self) -> float:
+        """This run's cumulative epsilon on this node, at the run's delta and accountant."""
+        return compute_epsilon(self.history, self.privacy.delta, self.privacy.accountant)

@@ -55,7 +55,7 @@ def wrap_client_level_dp(inner: fs.Strategy, cfg: ExperimentConfig) -> fs.Strate
                 f"invalid privacy.client_noise_multiplier={p.client_noise_multiplier!r} for adaptive "
                 f"clipping with {n} clients per round: {err} (more clients per round or less noise)"
             ) from err
-    cls = (
+    fixed_cls = (
         fs.DifferentialPrivacyServerSideFixedClipping
         if server_side
         else fs.DifferentialPrivacyClientSideFixedClipping
@@ -63,8 +63,8 @@ def wrap_client_level_dp(inner: fs.Strategy, cfg: ExperimentConfig) -> fs.Strate
     noise = client_noise_multiplier(cfg)
     if noise == 0.0:  # target epsilon = inf: clipping only; Flower accounts only noisy releases
         log.warning("client-level DP with noise 0 (target epsilon inf): updates are clipped, not private")
-        return cls(inner, 0.0, p.update_clip_norm, n, accountant=None)
-    return cls(inner, noise, p.update_clip_norm, n, accountant=_accountant(cfg))
+        return fixed_cls(inner, 0.0, p.update_clip_norm, n, accountant=None)
+    return fixed_cls(inner, noise, p.update_clip_norm, n, accountant=_accountant(cfg))
 
 
 def _accountant(cfg: ExperimentConfig) -> RdpAccountant:

@@ -74,6 +74,8 @@ def noised_server_optimizer(
         raise ValueError(f"{optimizer_cls.__name__} is not a FedAvg-based server optimizer ({names})")
     composed = type(f"DP{optimizer_cls.__name__}", (optimizer_cls, _NoisedAverage), {})
     strategy = build(composed)
+    if not isinstance(strategy, _NoisedAverage):  # unreachable: build(cls) instantiates cls
+        raise TypeError(f"build({composed.__name__}) returned a {type(strategy).__name__}")
     strategy.dp = dp
     log.info(
         "client-level DP: %s steps on the noised average released by %s",

@@ -72,10 +72,15 @@ def test_metrics_are_sane(quick_run: Path) -> None:
 
 
 def test_same_seed_same_metrics(quick_run: Path, tmp_path: Path) -> None:
-    proc = _run_cli(tmp_path, "seed=7")
+    """Also: an ``output.dir`` holding ``{run_id}`` gets Flower's run id, and the CLI finds it there."""
+    runs = tmp_path / "runs"
+    proc = _run_cli(tmp_path / "hydra", "seed=7", f"output.dir='{runs}/{{run_id}}'")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out,) = runs.iterdir()
+    assert out.name.isdigit() and out.name != "0"
+    assert f"results: {out}" in proc.stdout + proc.stderr
     keys = ("uar", "accuracy", "macro_f1", "loss", "epsilon_max", "confusion", "client_epsilons")
-    for a, b in zip(_rows(quick_run), _rows(tmp_path), strict=True):
+    for a, b in zip(_rows(quick_run), _rows(out), strict=True):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
 
 

@@ -3,7 +3,7 @@
 Same files as a real run (config.json with the privacy statement, model.pt of a plain
 state dict, summary.json, one ledger per client holding the DP-SGD entries its rounds
 would have recorded); the model is trained centrally with the run's client recipe
-(fedmer.privacy.attacks.train_like_run) so it is better than chance. The e2e tests use a
+(fedmer.posthoc.audit.attacks.train_like_run) so it is better than chance. The e2e tests use a
 real simulation instead.
 """
 
@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from fedmer.config import DataConfig, ExperimentConfig, FederationConfig, ModelConfig, PrivacyConfig
+from fedmer.data.base import concat_datasets
 from fedmer.data.registry import load_client_dataset, load_split
-from fedmer.privacy.attacks import concat, train_like_run
+from fedmer.posthoc.audit.attacks import train_like_run
 from fedmer.privacy.engine import noise_for_target, planned_steps
 from fedmer.privacy.ledger import load_ledger
-from fedmer.results import privacy_statement
+from fedmer.privacy.statement import privacy_statement
 
 TINY = ExperimentConfig(
     data=DataConfig(persons_per_site=3, test_persons_per_site=2, sequences_per_person=24, seq_len=8),
@@ -41,7 +42,7 @@ def make_run_folder(root: Path, cfg: ExperimentConfig = TINY, *, ledgers: bool =
     (run / "config.json").write_text(json.dumps(config))
     pool = load_client_dataset(cfg, 0)
     for c in range(1, cfg.federation.num_clients):
-        pool = concat(pool, load_client_dataset(cfg, c))
+        pool = concat_datasets([pool, load_client_dataset(cfg, c)])
     plain = replace(cfg, privacy=PrivacyConfig(mode="off"))
     model = train_like_run(plain, pool, seed=0, noise=0.0, steps=60)
     torch.save(model.state_dict(), run / "model.pt")

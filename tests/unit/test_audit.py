@@ -12,19 +12,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmer.audit_cli import main as audit_main
+from fedmer.cli import main as fedmer_main
 from fedmer.config import DataConfig, ExperimentConfig, FederationConfig, ModelConfig, PrivacyConfig
-from fedmer.data.base import MultimodalDataset
+from fedmer.data.base import MultimodalDataset, concat_datasets
 from fedmer.data.registry import load_client_dataset, load_split
-from fedmer.privacy.attacks import (
-    concat,
+from fedmer.posthoc.audit.attacks import (
     lira_attack,
     loss_threshold_attack,
     train_like_run,
     train_shadows,
 )
-from fedmer.privacy.roc import AttackResult, auc_score, roc_curve, roc_metrics, tpr_at_fpr
-from fedmer.results import privacy_statement
+from fedmer.posthoc.audit.roc import AttackResult, auc_score, roc_curve, roc_metrics, tpr_at_fpr
+from fedmer.privacy.statement import privacy_statement
 
 TINY = ExperimentConfig(
     data=DataConfig(persons_per_site=5, test_persons_per_site=2, sequences_per_person=20, seq_len=8),
@@ -96,6 +95,7 @@ def _sample_level_split(n: int) -> tuple[MultimodalDataset, MultimodalDataset]:
     return train.subset(order[:n]), train.subset(order[n : 2 * n])
 
 
+@pytest.mark.slow
 def test_loss_attack_sees_an_overfit_model_but_not_a_heavily_noised_one() -> None:
     members, nonmembers = _sample_level_split(40)
     overfit = train_like_run(TINY, members, seed=3, noise=0.0, steps=300)
@@ -107,10 +107,11 @@ def test_loss_attack_sees_an_overfit_model_but_not_a_heavily_noised_one() -> Non
     assert loss_threshold_attack(noisy, members, nonmembers).auc < 0.6
 
 
+@pytest.mark.slow
 def test_lira_detects_membership_of_an_overfit_target() -> None:
     members, nonmembers = _sample_level_split(40)
     target = train_like_run(TINY, members, seed=3, noise=0.0, steps=150)
-    pool = concat(members, nonmembers)
+    pool = concat_datasets([members, nonmembers])
     shadow = train_shadows(TINY, pool, shadows=4, noise=0.0, steps=150, seed=0)
     assert shadow.inside.sum(axis=0).tolist() == [2] * len(pool)  # every example in half
     for offline in (False, True):
@@ -137,7 +138,7 @@ def _run_folder(tmp_path: Path, *, summary: bool = True) -> Path:
 
 def test_cli_audits_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = _run_folder(tmp_path)
-    assert audit_main([str(run), "--shadows", "2", "--json"]) == 0
+    assert fedmer_main(["audit", str(run), "--shadows", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((run / "audit.json").read_text())
     assert printed == report and (run / "audit_roc.png").stat().st_size > 0
@@ -150,7 +151,7 @@ def test_cli_audits_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert report["privacy"]["statement"]["accountant"] == "rdp"
     assert report["shadow"]["dp_sgd"] and report["shadow"]["noise_multiplier"] == 1.0
 
-    assert audit_main([str(run), "--shadows", "0"]) == 0
+    assert fedmer_main(["audit", str(run), "--shadows", "0"]) == 0
     out = capsys.readouterr().out
     assert "loss_threshold" in out and "lira" not in out and "epsilon 3.500" in out
 
@@ -173,7 +174,7 @@ def test_cli_errors_are_one_line_and_exit_2(
         run = tmp_path / "missing"
     elif damage != "nothing":
         (run / damage).unlink()
-    assert audit_main([str(run), *args]) == 2
+    assert fedmer_main(["audit", str(run), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedmer audit:") and message in err and "\n" not in err
 

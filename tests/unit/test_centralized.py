@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmer.centralized import concat_datasets, default_epochs, pooled_training_data, train_centralized
 from fedmer.config import ConfigError
+from fedmer.data.base import concat_datasets
 from fedmer.data.registry import load_client_dataset, load_split
+from fedmer.training.centralized import default_epochs, pooled_training_data, train_centralized
 from simulations.run import experiment_from_hydra
 from tests.conftest import compose
 

@@ -11,9 +11,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedmer import records as rk
 from fedmer.config import ConfigError, ExperimentConfig
+from fedmer.federation.strategies import build_strategy
 from fedmer.privacy.client_level import client_level_epsilon, client_noise_multiplier
 from fedmer.privacy.clipping import update_norm
-from fedmer.strategies import build_strategy
 from tests.conftest import NodeListGrid
 
 SMALL = {
@@ -67,7 +67,7 @@ def test_adaptive_clipping_with_too_few_clients_is_a_config_error() -> None:
 
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
 def test_client_dp_rejects_robust_aggregators_and_says_why(clipping: str) -> None:
-    with pytest.raises(ConfigError, match=r"strategy.name='fedmedian'.*fedavg, fedprox, fedavgm.*not means"):
+    with pytest.raises(ConfigError, match=r"strategy.name='fedmedian'.*fedavg, fedavgm, fedprox.*not means"):
         _cfg(**{"privacy.mode": "client", "strategy.name": "fedmedian", "privacy.client_clipping": clipping})
 
 

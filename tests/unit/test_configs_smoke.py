@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from fedmer import records as rk
 from fedmer.data.registry import load_split
 from fedmer.models import build_model_for
-from fedmer.train import evaluate_model
+from fedmer.training.loops import evaluate_model
 from simulations.run import experiment_from_hydra
 from tests.conftest import CONFIGS, SHARED_DATA, NodeListGrid, compose
 
@@ -33,6 +33,12 @@ REAL_DATA_FOLDERS = {"stress_predict": "stress-predict", "ravdess": "ravdess", "
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 
+def _data_mark(overrides: list[str]) -> list[pytest.MarkDecorator]:
+    """``[data]`` when the composed config reads a real dataset (so ``-m "not data"`` leaves it out)."""
+    name = experiment_from_hydra(compose(overrides)).data.name
+    return [pytest.mark.data] if name in REAL_DATA_FOLDERS else []
+
+
 @pytest.fixture(autouse=True)
 def _task_identity():
     from flwr.supercore.task_identity import TaskIdentity
@@ -43,7 +49,7 @@ def _task_identity():
 
 def _one_round(overrides: list[str]) -> None:
     from client.app import train
-    from fedmer.strategies import build_strategy
+    from fedmer.federation.strategies import build_strategy
 
     exp = experiment_from_hydra(compose([*SMALL, *overrides]))
     folder = REAL_DATA_FOLDERS.get(exp.data.name)
@@ -87,7 +93,10 @@ def _one_round(overrides: list[str]) -> None:
     assert 0.0 <= report["uar"] <= 1.0
 
 
-@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [pytest.param(g, o, marks=_data_mark([f"{g}={o}"]), id=f"{g}={o}") for g, o in OPTIONS],
+)
 def test_group_option_composes_and_runs_a_round(group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
     if group == "strategy" and option in ("krum", "multikrum", "bulyan", "fedtrimmedavg"):
@@ -97,6 +106,6 @@ def test_group_option_composes_and_runs_a_round(group: str, option: str) -> None
     _one_round(overrides)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_data_mark([f"+experiment={n}"])) for n in EXPERIMENTS])
 def test_experiment_composes_and_runs_a_round(name: str) -> None:
     _one_round([f"+experiment={name}", "data.sequences_per_person=40"])

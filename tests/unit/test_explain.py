@@ -13,8 +13,8 @@ from torch import nn
 
 from fedmer.config import ModelConfig
 from fedmer.data.base import MultimodalDataset
-from fedmer.explain import explain, mean_contributions
 from fedmer.models import build_model
+from fedmer.posthoc.explain.attribution import explain, mean_contributions
 
 MODS = ("speech", "face")
 SLICES = ((0, 3), (3, 5))

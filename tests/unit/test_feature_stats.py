@@ -10,9 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmer.centralized import concat_datasets
 from fedmer.config import ModelConfig
-from fedmer.data.base import MultimodalDataset
+from fedmer.data.base import MultimodalDataset, concat_datasets
 from fedmer.data.feature_stats import (
     FeatureStats,
     combine_releases,

@@ -215,6 +215,7 @@ def test_history_increment_undoes_opacus_merging() -> None:
         history_increment(before, PrivacyHistory(((1.1, 0.2, 4),)))
 
 
+@pytest.mark.slow
 def test_show_and_cli(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
     led = _fresh(path, cap=8.0).record([ROUND], run_id=3, server_round=1)
@@ -236,6 +237,7 @@ def test_show_and_cli(tmp_path: Path) -> None:
     assert (summary["delta"], summary["cap"], summary["node"]) == (DELTA, 8.0, "vehicle-0")
 
 
+@pytest.mark.slow
 def test_cli_missing_or_corrupt_ledger_exits_2(tmp_path: Path) -> None:
     missing = tmp_path / "nope.json"
     proc = _cli("privacy", "show", str(missing))

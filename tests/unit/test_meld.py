@@ -30,9 +30,14 @@ from fedmer.data.text_features import minilm_available, token_id
 from tests.conftest import SHARED_DATA
 
 MELD = SHARED_DATA / "meld"
-needs_meld = pytest.mark.skipif(
+_skip_without_meld = pytest.mark.skipif(
     not MELD.is_dir(), reason="../shared/data/meld not found; real-data tests need the shared datasets"
 )
+
+
+def needs_meld(test):  # type: ignore[no-untyped-def]
+    """Marked ``data`` and skipped without ../shared/data/meld."""
+    return pytest.mark.data(_skip_without_meld(test))
 HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"]
 CFG = DataConfig(name="meld", seq_len=32)
 

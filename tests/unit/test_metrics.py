@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmer.metrics import classification_report, confusion_matrix
+from fedmer.training.metrics import classification_report, confusion_matrix
 
 
 def test_hand_computed_example() -> None:

@@ -16,14 +16,14 @@ from torch import nn
 
 from fedmer.config import ModelConfig
 from fedmer.data.base import MultimodalDataset
-from fedmer.evaluation import (
-    dataset_logits,
+from fedmer.models import build_model
+from fedmer.posthoc.inference import dataset_logits
+from fedmer.posthoc.missing import (
     drop_at_random,
     evaluate_missing,
     keep_only,
     remove_modality,
 )
-from fedmer.models import build_model
 from tests.conftest import TOY_MODALITIES, TOY_SLICES, toy_dataset
 
 MODS, SLICES = TOY_MODALITIES, TOY_SLICES

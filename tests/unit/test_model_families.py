@@ -20,7 +20,7 @@ from fedmer.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.synthetic import INTENSITY_NAMES, generate_synthetic
 from fedmer.models import FUSIONS, MultimodalEmotionNet, build_model, build_model_for
-from fedmer.train import batch_losses, evaluate_model, make_loader, predict, train_epochs
+from fedmer.training.loops import batch_losses, evaluate_model, make_loader, predict, train_epochs
 from simulations.run import experiment_from_hydra
 from tests.conftest import compose, dp_sgd_setup
 

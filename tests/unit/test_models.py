@@ -55,9 +55,18 @@ def _batch(n: int = 8, t: int = T, seed: int = 1) -> tuple[torch.Tensor, torch.T
     return x, mask, y
 
 
-def test_registries_match_config() -> None:
-    assert set(ENCODERS) == set(config.ENCODERS)
-    assert set(FUSIONS) == set(config.FUSIONS)
+def test_config_accepts_exactly_what_the_model_registries_hold() -> None:
+    for name in ENCODERS:
+        assert config.ModelConfig(encoder=name).encoder == name
+    for name in FUSIONS:
+        assert config.ModelConfig(fusion=name).fusion == name
+    with pytest.raises(config.ConfigError, match=r"model.fusion='mine'.*attention"):
+        config.ModelConfig(fusion="mine")
+    FUSIONS.register("mine", FUSIONS["concat"])
+    try:
+        assert config.ModelConfig(fusion="mine").fusion == "mine"
+    finally:
+        FUSIONS._entries.pop("mine")
 
 
 @pytest.mark.parametrize(("encoder", "fusion"), COMBOS, ids=COMBO_IDS)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fedmer.config import ConfigError, DataConfig, ExperimentConfig, FederationConfig, PartitionConfig
 from fedmer.data import registry
+from fedmer.registry import DATASETS
 from fedmer.data.base import DatasetSplit, MultimodalDataset
 from fedmer.data.partition import partition_clients, partition_indices
 from fedmer.data.synthetic import generate_synthetic
@@ -188,7 +189,7 @@ def test_registry_unknown_dataset_lists_valid_names(monkeypatch: pytest.MonkeyPa
     object.__setattr__(cfg.data, "name", "nope")  # bypass DataConfig validation on purpose
     with pytest.raises(ConfigError, match=r"data.name='nope'.*synthetic"):
         registry.load_split(cfg)
-    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))  # undone after the test
+    monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))  # undone after the test
 
     @registry.register_dataset("nope")
     def load_nope(data: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
@@ -198,5 +199,6 @@ def test_registry_unknown_dataset_lists_valid_names(monkeypatch: pytest.MonkeyPa
         registry.register_dataset("nope")(lambda data, sites, seed: _split(sites, seed))
     registry.clear_data_cache()
     assert "nope" in registry.available_datasets()
+    assert DataConfig(name="nope").name == "nope"  # the config accepts what the registry holds
     assert registry.load_split(cfg).train.x.shape[1] == 20
     registry.clear_data_cache()

@@ -13,11 +13,17 @@ import pytest
 import torch
 
 from fedmer.data.registry import load_client_dataset
-from fedmer.personalize import DPPlan, PersonalizeError, PersonalizeSettings, finetune_head, plan_steps
-from fedmer.personalize_report import personalize_run
+from fedmer.posthoc.personalize.finetune import (
+    DPPlan,
+    PersonalizeError,
+    PersonalizeSettings,
+    finetune_head,
+    plan_steps,
+)
+from fedmer.posthoc.personalize.report import personalize_run
 from fedmer.privacy.engine import noise_for_target
 from fedmer.privacy.ledger import read_ledger
-from fedmer.run_artifacts import load_run, load_run_model
+from fedmer.results.reader import load_run, load_run_model
 from tests.unit.run_folder import TINY, make_run_folder
 
 

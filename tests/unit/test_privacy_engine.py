@@ -18,9 +18,10 @@ from fedmer.privacy.engine import (
     noise_for_target,
     planned_steps,
 )
-from fedmer.train import make_loader, train_epochs
+from fedmer.training.loops import make_loader, train_epochs
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(
     noise=st.floats(0.5, 5.0),

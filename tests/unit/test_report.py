@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fedmer.config import ExperimentConfig, PrivacyConfig
-from fedmer.report import write_report
-from fedmer.results import CSV_COLUMNS, RunRecorder
+from fedmer.results.recorder import CSV_COLUMNS, RunRecorder
+from fedmer.results.report import write_report
 
 
 def _run(folder: Path, seed: int, uars: list[float], mode: str = "sample", target: float = 4.0) -> None:

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
 
-from fedmer.centralized import concat_datasets
 from fedmer.config import ExperimentConfig
-from fedmer.data.feature_stats import FEATURE_STATS_JSON, exact_feature_stats, read_feature_stats
+from fedmer.data.base import concat_datasets
+from fedmer.data.feature_stats import exact_feature_stats, read_feature_stats
 from fedmer.data.registry import load_client_dataset
-from fedmer.standardization import collect_feature_stats
+from fedmer.federation.statistics import collect_feature_stats
+from fedmer.results.layout import FEATURE_STATS_JSON
 from tests.conftest import NodeListGrid
 
 

@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import strategy as fs
 
 from fedmer import records as rk
-from fedmer.config import STRATEGIES, ExperimentConfig, StrategyConfig
-from fedmer.strategies import STRATEGY_REGISTRY, AccountedStrategy, build_strategy
+from fedmer.config import ConfigError, ExperimentConfig, StrategyConfig
+from fedmer.federation.strategies import (
+    STRATEGY_REGISTRY,
+    AccountedStrategy,
+    build_strategy,
+    register_strategy,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -24,8 +30,20 @@ def _cfg(name: str) -> ExperimentConfig:
     return ExperimentConfig(strategy=StrategyConfig(name=name))
 
 
-def test_every_config_strategy_is_registered_and_builds_flowers_class() -> None:
-    assert set(STRATEGY_REGISTRY) == set(STRATEGIES)
+def test_a_registered_strategy_is_a_valid_config_value_without_a_second_list() -> None:
+    """The config accepts what the registry holds: nothing else to edit when adding one."""
+    with pytest.raises(ConfigError, match=r"strategy.name='fedmine'.*fedavg"):
+        StrategyConfig(name="fedmine")
+    register_strategy("fedmine")(lambda cfg, common: fs.FedAvg(**common))
+    try:
+        assert type(build_strategy(_cfg("fedmine")).inner).__name__ == "FedAvg"
+    finally:
+        STRATEGY_REGISTRY._entries.pop("fedmine")  # other tests see the built-ins only
+    with pytest.raises(ConfigError):
+        StrategyConfig(name="fedmine")
+
+
+def test_every_registered_strategy_builds_flowers_class() -> None:
     expected = {
         "fedavg": "FedAvg",
         "fedprox": "FedProx",
@@ -39,6 +57,7 @@ def test_every_config_strategy_is_registered_and_builds_flowers_class() -> None:
         "multikrum": "MultiKrum",
         "bulyan": "Bulyan",
     }
+    assert set(expected) == set(STRATEGY_REGISTRY.names())
     for name, cls in expected.items():
         strategy = build_strategy(_cfg(name))
         assert isinstance(strategy, AccountedStrategy)

@@ -34,6 +34,7 @@ if not RAW.is_dir():
         allow_module_level=True,
     )
 
+pytestmark = pytest.mark.data
 CFG = DataConfig(name="stress_predict")
 SKIPPED = {"S01", "S06", "S17", "S18", "S30"}  # see the module docstring for why
 

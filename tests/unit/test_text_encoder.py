@@ -32,7 +32,7 @@ from fedmer.data.text_features import (
 from fedmer.models import build_model
 from fedmer.models.text_encoder import SentenceVectorEncoder, TokenTextEncoder, build_text_encoder
 from fedmer.privacy.engine import PrivacyHistory, make_private
-from fedmer.train import make_loader, train_epochs
+from fedmer.training.loops import make_loader, train_epochs
 
 
 def token_dataset(n: int, seq_len: int, width: int, seed: int) -> MultimodalDataset:

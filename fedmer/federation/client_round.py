@@ -1,0 +1,96 @@
+"""One node's training round, as the ClientApp tells it: charge the ledger, train, account.
+
+:func:`train_round` is the DP training step of a round: from the server's ConfigRecord it
+takes the learning rate, local epochs and FedProx's mu; under DP-SGD it derives the noise for
+the planned run, charges the round's planned spend to the node's ledger *before* training
+(a node at its cap refuses here), trains through the one local training function, and stores
+the accountant history so epsilon accumulates over every round the node joins.
+:func:`train_metrics` is the MetricRecord the node sends back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord, Context, MetricRecord
+from torch import nn
+
+from fedmer import records as rk
+from fedmer.federation.node import Node, node_privacy
+from fedmer.privacy.engine import PrivacyHistory, planned_steps
+from fedmer.privacy.run_noise import dp_sgd_noise
+from fedmer.training.local import DPSGD, train_local
+from fedmer.training.loops import TrainResult, seed_everything
+
+__all__ = ["RoundOutcome", "train_metrics", "train_round"]
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one local round did and spent (epsilon of this run, and of the node's lifetime)."""
+
+    train: TrainResult
+    history: PrivacyHistory
+    noise_multiplier: float
+    epsilon: float
+    epsilon_lifetime: float
+
+
+def train_round(
+    node: Node,
+    context: Context,
+    config: ConfigRecord,
+    model: nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+) -> RoundOutcome:
+    """Train ``model`` (holding ``global_state``) on the node's data for one round; see the module."""
+    cfg, p = node.cfg, node.cfg.privacy
+    server_round = int(rk.scalar(config, rk.SERVER_ROUND))
+    lr = float(rk.scalar(config, rk.LR, cfg.federation.lr))
+    epochs = int(rk.scalar(config, rk.LOCAL_EPOCHS, cfg.federation.local_epochs))
+    seed = seed_everything(cfg.seed, server_round, node.pid)
+    dp, noise, lifetime = None, 0.0, math.inf
+    privacy = node_privacy(context, cfg, node.pid)
+    if p.sample_level:
+        noise = dp_sgd_noise(cfg, len(node.data))
+        rate, steps = planned_steps(len(node.data), cfg.federation.batch_size, epochs, 1)
+        lifetime = privacy.charge((noise, rate, steps), server_round)  # raises BudgetExceeded
+        dp = DPSGD(noise, p.max_grad_norm, p.accountant, history=privacy.history, planned_steps=steps)
+    result = train_local(
+        model,
+        node.data,
+        epochs=epochs,
+        lr=lr,
+        batch_size=cfg.federation.batch_size,
+        seed=seed,
+        dp=dp,
+        proximal_mu=float(rk.scalar(config, rk.PROXIMAL_MU, 0.0)),
+        global_params=global_state,
+    )
+    epsilon = math.inf
+    if dp is not None:
+        privacy.commit(result.history)
+        epsilon = privacy.epsilon()
+    return RoundOutcome(result.train, result.history, noise, epsilon, lifetime)
+
+
+def train_metrics(node: Node, outcome: RoundOutcome, update_norm: float, clipped: bool) -> MetricRecord:
+    """The MetricRecord of a training reply: examples, loss, spend and the update's norm."""
+    return MetricRecord(
+        {
+            rk.NUM_EXAMPLES: len(node.data),
+            rk.CLIENT_WEIGHT: 1,
+            rk.TRAIN_LOSS: outcome.train.loss,
+            rk.EPSILON: outcome.epsilon,
+            rk.EPSILON_LIFETIME: outcome.epsilon_lifetime,
+            rk.DELTA: node.cfg.privacy.delta,
+            rk.NOISE_MULTIPLIER: outcome.noise_multiplier,
+            rk.STEPS: outcome.history.steps,
+            rk.UPDATE_NORM: update_norm,
+            rk.UPDATE_CLIPPED: int(clipped),
+            rk.PARTITION_ID: node.pid,
+        }
+    )

@@ -1,0 +1,90 @@
+"""What a node knows about itself (its run config, partition, data and privacy state), and
+how the server waits for nodes to connect.
+
+The ClientApp's handlers start from :func:`node_of`; the statistics protocol and training both
+reach the node's spend through :func:`node_privacy`, so there is one owner of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid
+
+from fedmer.config import ConfigError, ExperimentConfig
+from fedmer.data.base import MultimodalDataset
+from fedmer.data.registry import load_client_dataset
+from fedmer.privacy.budget import NodePrivacy, ledger_path
+from fedmer.results.layout import LEDGER_DIR, ledger_file, run_dir
+
+__all__ = ["Node", "experiment_of", "node_of", "node_privacy", "partition_of", "wait_for_nodes"]
+
+
+@functools.lru_cache(maxsize=8)
+def _experiment(items: tuple[tuple[str, object], ...]) -> ExperimentConfig:
+    return ExperimentConfig.from_run_config(dict(items), complete=True)
+
+
+def experiment_of(context: Context) -> ExperimentConfig:
+    """The validated experiment config of this run (parsed once per process)."""
+    return _experiment(tuple(sorted(context.run_config.items())))
+
+
+def partition_of(context: Context, cfg: ExperimentConfig) -> int:
+    """This node's partition id, checked against the federation size in the config."""
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise ConfigError(
+            "node_config has no 'partition-id': start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        )
+    pid, n = (
+        int(node_config["partition-id"]),
+        int(node_config.get("num-partitions", cfg.federation.num_clients)),
+    )
+    if n != cfg.federation.num_clients:
+        raise ConfigError(
+            f"invalid num-partitions={n}: the run config has federation.num_clients="
+            f"{cfg.federation.num_clients}; start {cfg.federation.num_clients} SuperNodes "
+            "(simulation: --federation-config num-supernodes=N) or change federation.num_clients"
+        )
+    if not 0 <= pid < n:
+        raise ConfigError(f"invalid partition-id={pid}: expected 0 <= partition_id < num-partitions={n}")
+    return pid
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node in one run: its validated config, partition id and local training data."""
+
+    cfg: ExperimentConfig
+    pid: int
+    data: MultimodalDataset
+
+
+def node_of(context: Context) -> Node:
+    """Config, partition id and local data of this node (all cached per process)."""
+    torch.set_num_threads(1)  # one Ray CPU per client: no oversubscription, reproducible sums
+    cfg = experiment_of(context)
+    pid = partition_of(context, cfg)
+    return Node(cfg, pid, load_client_dataset(cfg, pid))
+
+
+def node_privacy(context: Context, cfg: ExperimentConfig, pid: int) -> NodePrivacy:
+    """The node's privacy state; its ledger is its own file, or ``<run folder>/ledgers/`` in simulation."""
+    default = ledger_file(run_dir(cfg.output_dir, context.run_id) / LEDGER_DIR, pid)
+    return NodePrivacy(context, cfg, pid, ledger_path(context.node_config, default))
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """Node ids once ``wanted`` nodes are connected, or those connected after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < wanted and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    return nodes

@@ -1,0 +1,240 @@
+"""Build Flower's own strategies by name, and wrap them so no failure goes unseen.
+
+The registry maps config names to factories over ``flwr.serverapp.strategy`` classes;
+:class:`AccountedStrategy` wraps whichever is chosen. It (1) counts and surfaces
+failed replies (Flower only logs them), stopping the run when a whole round fails,
+(2) orders replies by partition id so aggregation is bit-reproducible whatever order
+replies arrive in, and (3) keeps each round's per-client metrics (epsilon, update norm)
+so the server can report max and mean epsilon, not only Flower's weighted mean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, MetricRecordValues, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as fs
+
+from fedmer import records as rk
+from fedmer import registry
+from fedmer.config import ExperimentConfig
+from fedmer.federation.grid import short_reason
+from fedmer.privacy.client_level import wrap_client_level_dp
+from fedmer.privacy.ledger import BUDGET_MARKER
+from fedmer.privacy.server_optimizer import noised_server_optimizer
+from fedmer.results.rounds import RoundReport
+
+__all__ = ["STRATEGY_REGISTRY", "AccountedStrategy", "build_strategy", "register_strategy"]
+
+log = logging.getLogger(__name__)
+
+#: ``(cfg, common kwargs, cls=None) -> strategy``; server optimizers honour ``cls`` (a subclass
+#: of their Flower class) so client-level DP can slot a noised average under their step.
+Factory = Callable[..., fs.Strategy]
+STRATEGY_REGISTRY = registry.STRATEGIES
+
+
+def register_strategy(
+    name: str,
+    *,
+    client_dp: bool = False,
+    server_optimizer: bool = False,
+    min_clients: Callable[[int], int] = lambda num_malicious: 1,
+) -> Callable[[Factory], Factory]:
+    """Add a strategy factory under ``name`` (what ``strategy.name`` selects).
+
+    ``client_dp``: its aggregate is FedAvg's mean (optionally followed by a server optimizer
+    step, ``server_optimizer``), so client-level DP can wrap it with an accounted epsilon.
+    ``min_clients(num_malicious)``: replies per round it needs to tolerate that many attackers.
+    """
+    return registry.STRATEGIES.register(
+        name, client_dp=client_dp, server_optimizer=server_optimizer, min_clients=min_clients
+    )
+
+
+@register_strategy("fedavg", client_dp=True)
+def _fedavg(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+    return fs.FedAvg(**common)
+
+
+@register_strategy("fedprox", client_dp=True)
+def _fedprox(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+    return fs.FedProx(**common, proximal_mu=cfg.strategy.proximal_mu)
+
+
+def _fedopt(base: type) -> Factory:
+    def factory(cfg: ExperimentConfig, common: dict, cls: type | None = None) -> fs.Strategy:
+        s = cfg.strategy
+        return (cls or base)(**common, eta=s.server_lr, eta_l=cfg.federation.lr, tau=s.tau)
+
+    return factory
+
+
+register_strategy("fedadam", client_dp=True, server_optimizer=True)(_fedopt(fs.FedAdam))
+register_strategy("fedyogi", client_dp=True, server_optimizer=True)(_fedopt(fs.FedYogi))
+register_strategy("fedadagrad", client_dp=True, server_optimizer=True)(_fedopt(fs.FedAdagrad))
+
+
+@register_strategy("fedavgm", client_dp=True, server_optimizer=True)
+def _fedavgm(cfg: ExperimentConfig, common: dict, cls: type | None = None) -> fs.Strategy:
+    s = cfg.strategy
+    return (cls or fs.FedAvgM)(**common, server_learning_rate=s.server_lr, server_momentum=s.server_momentum)
+
+
+@register_strategy("fedmedian")
+def _fedmedian(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+    return fs.FedMedian(**common)
+
+
+@register_strategy("fedtrimmedavg", min_clients=lambda f: 3)
+def _fedtrimmedavg(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+    return fs.FedTrimmedAvg(**common, beta=cfg.strategy.trim_beta)
+
+
+@register_strategy("krum", min_clients=lambda f: 2 * f + 3)
+def _krum(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+    return fs.Krum(**common, num_malicious_nodes=cfg.strategy.num_malicious)
+
+
+@register_strategy("multikrum", min_clients=lambda f: 2 * f + 3)
+def _multikrum(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+    select = max(1, cfg.federation.clients_per_round - cfg.strategy.num_malicious)
+    return fs.MultiKrum(**common, num_malicious_nodes=cfg.strategy.num_malicious, num_nodes_to_select=select)
+
+
+@register_strategy("bulyan", min_clients=lambda f: 4 * f + 3)
+def _bulyan(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+    return fs.Bulyan(**common, num_malicious_nodes=cfg.strategy.num_malicious)
+
+
+class AccountedStrategy(fs.Strategy):
+    """Delegate everything to a Flower strategy; record, order and police the replies."""
+
+    def __init__(self, inner: fs.Strategy) -> None:
+        self.inner = inner
+        self.rounds: dict[int, RoundReport] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.rounds[server_round] = RoundReport(server_round, sampled=len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = _ordered(replies)
+        report = self.rounds.setdefault(server_round, RoundReport(server_round))
+        for msg in replies:
+            if msg.has_error():
+                text = msg.error.reason or f"error code {msg.error.code} without a reason"
+                reason = f"node {msg.metadata.src_node_id}: {short_reason(text)}"
+                (report.refusals if BUDGET_MARKER in text else report.failures).append(reason)
+            else:
+                report.clients.append(dict(msg.content[rk.METRICS]))
+        if report.refusals:
+            log.warning(
+                "round %d: %d client(s) refused to train, their privacy budget is spent:\n  %s",
+                server_round,
+                len(report.refusals),
+                "\n  ".join(report.refusals),
+            )
+        if report.failures:
+            log.warning(
+                "round %d: %d of %d clients failed:\n  %s",
+                server_round,
+                len(report.failures),
+                len(replies),
+                "\n  ".join(report.failures),
+            )
+        if replies and not report.clients:
+            first = (report.failures or report.refusals)[0]
+            raise RuntimeError(
+                f"round {server_round}: no sampled client trained ({len(report.failures)} failed, "
+                f"{len(report.refusals)} refused: budget spent); first: {first}"
+            )
+        if len(replies) < report.sampled:
+            log.warning(
+                "round %d: %d of %d sampled clients did not reply in time",
+                server_round,
+                report.sampled - len(replies),
+                report.sampled,
+            )
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, _ordered(replies))
+
+
+def _ordered(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by partition id (errors last), so sums run in a fixed order."""
+
+    def key(msg: Message) -> tuple[int, int]:
+        if msg.has_error() or rk.METRICS not in msg.content:
+            return (1, msg.metadata.src_node_id)
+        return (0, int(rk.scalar(msg.content[rk.METRICS], rk.PARTITION_ID, 0)))
+
+    return sorted(replies, key=key)
+
+
+def _metrics_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted means of numeric metrics, skipping infinite values (non-private epsilon)."""
+    weights = [float(rk.scalar(r[rk.METRICS], weight_key)) for r in records]
+    total = sum(weights) or 1.0
+    out: dict[str, MetricRecordValues] = {}
+    for name in records[0][rk.METRICS]:
+        if name in (weight_key, rk.PARTITION_ID):
+            continue
+        vals = [float(rk.scalar(r[rk.METRICS], name)) for r in records]
+        out[name] = (
+            sum(w * v for w, v in zip(weights, vals, strict=False)) / total
+            if all(map(_finite, vals))
+            else max(vals)
+        )
+    return MetricRecord(out)
+
+
+def _finite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")
+
+
+def build_strategy(cfg: ExperimentConfig) -> AccountedStrategy:
+    """The configured Flower strategy, wrapped in :class:`AccountedStrategy`."""
+    name = cfg.strategy.name
+    factory = STRATEGY_REGISTRY.get(name)
+    f = cfg.federation
+    accounted = cfg.privacy.client_level and cfg.privacy.client_clipping == "fixed"
+    common: dict[str, Any] = {  # keyword arguments of every Flower strategy
+        "weighted_by_key": rk.CLIENT_WEIGHT if accounted else rk.NUM_EXAMPLES,
+        "fraction_train": f.fraction_train,
+        "fraction_evaluate": f.fraction_evaluate,
+        "min_train_nodes": f.min_train_clients,
+        "min_evaluate_nodes": min(f.min_train_clients, f.num_clients) if f.fraction_evaluate > 0 else 0,
+        "min_available_nodes": f.num_clients,
+        "train_metrics_aggr_fn": _metrics_mean,
+        "evaluate_metrics_aggr_fn": _metrics_mean,
+    }
+    if cfg.privacy.client_level and STRATEGY_REGISTRY.meta(name)["server_optimizer"]:
+        # Noise the plain average first, then let the server optimizer post-process it.
+        dp = wrap_client_level_dp(fs.FedAvg(**common), cfg)
+        optimizer_cls = type(factory(cfg, common))
+        return AccountedStrategy(
+            noised_server_optimizer(optimizer_cls, dp, lambda cls: factory(cfg, common, cls))
+        )
+    strategy = factory(cfg, common)
+    if cfg.privacy.client_level:
+        strategy = wrap_client_level_dp(strategy, cfg)
+    return AccountedStrategy(strategy)
+

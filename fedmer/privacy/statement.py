@@ -1,0 +1,51 @@
+"""The privacy statement of a run: what its reported epsilon protects, at which delta, by which accountant.
+
+Written into ``config.json`` and ``summary.json`` (and carried by the saved model), so an epsilon
+is never read without its unit, delta and accountant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedmer.config import ExperimentConfig
+from fedmer.privacy.client_level import client_noise_multiplier
+
+__all__ = ["privacy_statement"]
+
+
+def privacy_statement(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the reported epsilon means for this run."""
+    p = cfg.privacy
+    statement: dict[str, Any] = {"mode": p.mode}
+    if p.client_level:
+        accounted = p.client_clipping == "fixed"
+        statement["client_level"] = {
+            "unit": "one whole client (a vehicle or hospital with all its data, add/remove)",
+            "accountant": "Flower RDP (dp-accounting), no sampling amplification" if accounted else "none",
+            "delta": p.delta if accounted else None,
+            "noise_multiplier": client_noise_multiplier(cfg),
+            "target_epsilon": p.target_epsilon if p.client_noise_multiplier is None else None,
+            "clipping": f"{p.client_clipping}, {p.client_clipping_side}-side, norm {p.update_clip_norm}",
+            "note": "client_epsilon in rounds.csv" if accounted else "adaptive clipping is not accounted",
+        }
+    if not p.sample_level:
+        statement.update(
+            unit="none",
+            accountant="none",
+            delta=None,
+            note="no DP-SGD inside clients: sample-level epsilon is infinite",
+        )
+        return statement
+    return {
+        **statement,
+        "unit": "sample (one training sequence of one person, add/remove) within each client",
+        "accountant": p.accountant,
+        "delta": p.delta,
+        "target_epsilon": p.target_epsilon if p.noise_multiplier is None else None,
+        "noise_multiplier": p.noise_multiplier if p.noise_multiplier is not None else "derived from target",
+        "per_sample_clip": p.max_grad_norm,
+        "update_clip_norm": p.update_clip_norm,
+        "note": "epsilon is cumulative over every round the client trained in; "
+        "max over clients is the figure to quote",
+    }

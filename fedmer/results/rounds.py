@@ -1,0 +1,115 @@
+"""One round of a run as a row: the schema of ``rounds.csv`` and how the server fills it.
+
+The row carries the held-out metrics, every epsilon with its delta, accountant and unit, and
+the round's health (clients sampled, replied, failed, refused); the detail that does not fit
+a CSV cell (per-class recall, confusion matrix, each client's epsilon) goes to ``rounds.jsonl``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedmer import records as rk
+from fedmer.config import ExperimentConfig
+
+__all__ = ["CSV_COLUMNS", "RoundReport", "round_row"]
+
+CSV_COLUMNS = (
+    "round",
+    "accuracy",
+    "macro_f1",
+    "uar",
+    "loss",
+    "intensity_uar",  # empty without an intensity head (model.intensity_weight = 0)
+    "intensity_accuracy",
+    "epsilon_max",
+    "epsilon_mean",
+    "delta",
+    "accountant",
+    "privacy_unit",
+    "clients_sampled",
+    "clients_replied",
+    "clients_failed",
+    "clients_refused",
+    "client_epsilon",
+    "train_loss",
+    "update_norm_mean",
+    "update_clipped_frac",
+    "elapsed_s",
+)
+
+
+@dataclass
+class RoundReport:
+    """What one round's training replies said, client by client."""
+
+    server_round: int
+    sampled: int = 0
+    failures: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)  # nodes whose privacy budget is spent
+    clients: list[dict] = field(default_factory=list)  # one MetricRecord (as dict) per reply
+
+    def epsilons(self) -> list[float]:
+        return [float(c[rk.EPSILON]) for c in self.clients if rk.EPSILON in c]
+
+
+def round_row(
+    server_round: int,
+    report: dict[str, Any],
+    rr: RoundReport | None,
+    cfg: ExperimentConfig,
+    elapsed: float,
+    client_eps: float | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The CSV row (:data:`CSV_COLUMNS`) and the JSONL detail of one evaluated round.
+
+    ``report`` is the held-out evaluation, ``rr`` what the round's training replies said
+    (None for round 0), ``client_eps`` Flower's client-level epsilon (None when not accounted).
+    """
+    clients = rr.clients if rr else []
+    eps = rr.epsilons() if rr else []
+    off = not cfg.privacy.sample_level
+    norms = [float(c[rk.UPDATE_NORM]) for c in clients]
+    row = {
+        "round": server_round,
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "uar": report["uar"],
+        "loss": report["loss"],
+        "intensity_uar": report.get("intensity_uar"),
+        "intensity_accuracy": report.get("intensity_accuracy"),
+        "epsilon_max": (math.inf if off else max(eps)) if eps else (math.inf if off and clients else 0.0),
+        "epsilon_mean": (math.inf if off else statistics.fmean(eps))
+        if eps
+        else (math.inf if off and clients else 0.0),
+        "delta": None if off else cfg.privacy.delta,
+        "accountant": "none" if off else cfg.privacy.accountant,
+        "privacy_unit": "none" if off else "sample",
+        "clients_sampled": rr.sampled if rr else 0,
+        "clients_replied": len(clients),
+        "clients_failed": len(rr.failures) if rr else 0,
+        "clients_refused": len(rr.refusals) if rr else 0,
+        "train_loss": statistics.fmean(float(c[rk.TRAIN_LOSS]) for c in clients) if clients else None,
+        "update_norm_mean": statistics.fmean(norms) if norms else None,
+        "update_clipped_frac": statistics.fmean(float(c[rk.UPDATE_CLIPPED]) for c in clients)
+        if clients
+        else None,
+        "client_epsilon": client_eps,
+        "elapsed_s": round(elapsed, 3),
+    }
+    detail = {
+        "per_class_recall": report["per_class_recall"],
+        "confusion": report["confusion"],
+        "client_epsilons": {int(c[rk.PARTITION_ID]): float(c[rk.EPSILON]) for c in clients},
+        "failures": rr.failures if rr else [],
+        "refusals": rr.refusals if rr else [],
+        "client_epsilons_lifetime": {
+            int(c[rk.PARTITION_ID]): float(c[rk.EPSILON_LIFETIME])
+            for c in clients
+            if rk.EPSILON_LIFETIME in c
+        },
+    }
+    return row, detail

@@ -1,0 +1,49 @@
+"""What the ServerApp writes per round (fedmer.results.rounds): intensity scores beside the categories."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedmer.config import ExperimentConfig, ModelConfig
+from fedmer.data.base import MultimodalDataset
+from fedmer.models import build_model
+from fedmer.results.rounds import CSV_COLUMNS, round_row
+from fedmer.training.loops import evaluate_model
+
+
+def _data(intensity: bool) -> MultimodalDataset:
+    rng = np.random.default_rng(0)
+    return MultimodalDataset(
+        x=rng.normal(size=(24, 5, 4)).astype(np.float32),
+        mask=np.ones((24, 2), bool),
+        y=np.arange(24) % 3,
+        person=np.arange(24) // 4,
+        site=np.zeros(24, np.int64),
+        modalities=("speech", "face"),
+        feature_slices=((0, 2), (2, 4)),
+        class_names=("a", "b", "c"),
+        intensity=(np.arange(24) % 2) if intensity else None,
+        intensity_names=("normal", "strong") if intensity else (),
+    )
+
+
+def test_intensity_scores_reach_the_round_row_when_the_model_has_the_head() -> None:
+    torch.manual_seed(0)
+    data = _data(intensity=True)
+    model = build_model(
+        ModelConfig(hidden=8, intensity_weight=0.5), data.feature_slices, 3, intensity_classes=2
+    )
+    report = evaluate_model(model, data)
+    row, _ = round_row(1, report, None, ExperimentConfig(), 0.0, None)
+    assert set(CSV_COLUMNS) <= set(row)
+    assert row["intensity_uar"] == report["intensity_uar"] and 0.0 <= row["intensity_uar"] <= 1.0
+    assert row["intensity_accuracy"] == report["intensity_accuracy"]
+
+
+def test_without_an_intensity_head_the_columns_are_empty() -> None:
+    torch.manual_seed(0)
+    data = _data(intensity=False)
+    report = evaluate_model(build_model(ModelConfig(hidden=8), data.feature_slices, 3), data)
+    row, _ = round_row(1, report, None, ExperimentConfig(), 0.0, None)
+    assert row["intensity_uar"] is None and row["intensity_accuracy"] is None
