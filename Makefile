@@ -20,6 +20,7 @@ test-fast: setup
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/mypy fedmer server client simulations
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -97,7 +97,8 @@ def _unit_epsilon(mode: str, sample_eps: float, client_eps: Any) -> float:
 
 def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per-run and per-round rows of every finished run below ``root`` (unfinished runs are reported)."""
-    runs, rounds = [], []
+    runs: list[dict[str, Any]] = []
+    rounds: list[dict[str, Any]] = []
     for config_path in sorted(Path(root).rglob(CONFIG_JSON)):
         run_dir = config_path.parent
         if not (run_dir / ROUNDS_JSONL).exists():
@@ -153,11 +154,11 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
     return runs, rounds
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
+def _mean_sd(values: Sequence[float | None]) -> tuple[float, float]:
+    known = [v for v in values if v is not None and not math.isnan(v)]
+    if not known:
         return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(known), (statistics.stdev(known) if len(known) > 1 else 0.0)
 
 
 def mean_sd_text(values: Sequence[float], digits: int = 3) -> str:

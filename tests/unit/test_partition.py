@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from fedmer.config import ConfigError, DataConfig, ExperimentConfig, FederationConfig, PartitionConfig
 from fedmer.data import registry
-from fedmer.registry import DATASETS
 from fedmer.data.base import DatasetSplit, MultimodalDataset
 from fedmer.data.partition import partition_clients, partition_indices
 from fedmer.data.synthetic import generate_synthetic
+from fedmer.registry import DATASETS
 
 
 @functools.lru_cache(maxsize=4)

@@ -17,7 +17,7 @@ from fedmer.config import ExperimentConfig
 from fedmer.data.base import concat_datasets
 from fedmer.data.feature_stats import exact_feature_stats, read_feature_stats
 from fedmer.data.registry import load_client_dataset
-from fedmer.federation.statistics import collect_feature_stats
+from fedmer.federation.statistics import collect_feature_stats, standardize_model
 from fedmer.results.layout import FEATURE_STATS_JSON
 from tests.conftest import NodeListGrid
 
@@ -126,7 +126,6 @@ def test_a_share_too_small_to_certify_releases_nothing_and_says_why(tmp_path) ->
     assert 0.1 < floor < 0.11
     from fedmer.models import build_model_for
     from fedmer.privacy.run_noise import dp_sgd_noise, release_skipped_because, stats_prior
-    from server.app import _standardize
 
     flat = FLAT | {"privacy.mode": "sample", "privacy.target_epsilon": 1.0, "output.dir": str(tmp_path)}
     cfg = ExperimentConfig.from_run_config(flat)
@@ -141,7 +140,7 @@ def test_a_share_too_small_to_certify_releases_nothing_and_says_why(tmp_path) ->
     assert dp_sgd_noise(cfg, 100) == dp_sgd_noise(plain, 100)
     data = load_client_dataset(cfg, 0)
     model = build_model_for(cfg, data)
-    extra = _standardize(ClientAppGrid(flat, 3, broken=1), cfg, model, tmp_path)  # no node is asked
+    extra = standardize_model(ClientAppGrid(flat, 3, broken=1), cfg, model, tmp_path)  # no node is asked
     assert extra == {"feature_stats": {"skipped": reason}}
     assert not (tmp_path / FEATURE_STATS_JSON).exists()
     from client.app import query

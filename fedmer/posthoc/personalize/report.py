@@ -25,7 +25,7 @@ import math
 import statistics
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from torch import nn
@@ -65,7 +65,7 @@ def _eval_set(run: RunArtifacts, client: MultimodalDataset, test: MultimodalData
     if run.cfg.partition.scheme == "site" and len(sites) == 1:
         rows = np.flatnonzero(test.site == sites[0])
         if rows.size:
-            kit = client.mask.any(axis=0)
+            kit = cast(np.ndarray, client.mask.any(axis=0))  # (M,) of a 2-D mask, never a scalar
             local = test.subset(rows)
             local = local.with_mask(local.mask & kit[None, :])
             missing = [m for m, k in zip(test.modalities, kit, strict=True) if not k]
@@ -176,6 +176,7 @@ def _one_client(
         global_client_prior_accuracy=_prior_accuracy(before, prior),
         private=settings.dp,
     )
+    privacy: dict[str, Any]  # the ClientResult privacy fields, None until known
     plan, privacy = (
         None,
         dict.fromkeys(
