@@ -106,6 +106,8 @@ def test_group_option_composes_and_runs_a_round(group: str, option: str) -> None
     _one_round(overrides)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_data_mark([f"+experiment={n}"])) for n in EXPERIMENTS])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=_data_mark([f"+experiment={n}"])) for n in EXPERIMENTS]
+)
 def test_experiment_composes_and_runs_a_round(name: str) -> None:
     _one_round([f"+experiment={name}", "data.sequences_per_person=40"])

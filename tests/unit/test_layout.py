@@ -37,7 +37,9 @@ def test_library_imports_no_app_and_no_hydra(path: Path) -> None:
 def test_library_has_no_module_level_assert(path: Path) -> None:
     tree = ast.parse(path.read_text(), filename=str(path))
     asserts = [n.lineno for n in tree.body if isinstance(n, ast.Assert)]
-    assert not asserts, f"{path.relative_to(ROOT)}: module-level assert at line(s) {asserts} (vanishes under -O)"
+    assert not asserts, (
+        f"{path.relative_to(ROOT)}: module-level assert at line(s) {asserts} (vanishes under -O)"
+    )
 
 
 def test_the_checker_sees_a_lazy_upward_import(tmp_path: Path) -> None:
