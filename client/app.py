@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmer import records as rk
-from fedmer.federation.client_round import train_metrics, train_round
+from fedmer.federation.client_round import round_seed, train_metrics, train_round
 from fedmer.federation.node import experiment_of, node_of, partition_of
 from fedmer.federation.statistics import answer_stats_query, is_stats_query
 from fedmer.models import build_model_for
@@ -35,11 +35,13 @@ app = ClientApp(mods=[client_dp_mod])
 def train(msg: Message, context: Context) -> Message:
     """DP-SGD on the local partition; reply with the clipped update and cumulative epsilon."""
     node = node_of(context)
+    config = cast(ConfigRecord, msg.content[rk.CONFIG])
+    seed = round_seed(node, config)
     global_state = cast(ArrayRecord, msg.content[rk.ARRAYS]).to_torch_state_dict()
     model = build_model_for(node.cfg, node.data)
     model.load_state_dict(global_state)
 
-    outcome = train_round(node, context, cast(ConfigRecord, msg.content[rk.CONFIG]), model, global_state)
+    outcome = train_round(node, context, config, model, global_state, seed)
     bound = node.cfg.privacy.update_clip_norm
     clipped, norm, was_clipped = clip_update(model.state_dict(), global_state, bound)
 

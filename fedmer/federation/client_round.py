@@ -25,7 +25,7 @@ from fedmer.privacy.run_noise import dp_sgd_noise
 from fedmer.training.local import DPSGD, train_local
 from fedmer.training.loops import TrainResult, seed_everything
 
-__all__ = ["RoundOutcome", "train_metrics", "train_round"]
+__all__ = ["RoundOutcome", "round_seed", "train_metrics", "train_round"]
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,28 @@ class RoundOutcome:
     epsilon_lifetime: float
 
 
+def round_seed(node: Node, config: ConfigRecord) -> int:
+    """Seed Python, NumPy and torch for this node's round (seed, round, partition); return the seed."""
+    return seed_everything(node.cfg.seed, int(rk.scalar(config, rk.SERVER_ROUND)), node.pid)
+
+
 def train_round(
     node: Node,
     context: Context,
     config: ConfigRecord,
     model: nn.Module,
     global_state: Mapping[str, torch.Tensor],
+    seed: int,
 ) -> RoundOutcome:
-    """Train ``model`` (holding ``global_state``) on the node's data for one round; see the module."""
+    """Train ``model`` (holding ``global_state``) on the node's data for one round; see the module.
+
+    ``seed`` is the round's seed (:func:`round_seed`), drawn before the model was built so that
+    a run's noise and batches are the same whatever the model's size.
+    """
     cfg, p = node.cfg, node.cfg.privacy
     server_round = int(rk.scalar(config, rk.SERVER_ROUND))
     lr = float(rk.scalar(config, rk.LR, cfg.federation.lr))
     epochs = int(rk.scalar(config, rk.LOCAL_EPOCHS, cfg.federation.local_epochs))
-    seed = seed_everything(cfg.seed, server_round, node.pid)
     dp, noise, lifetime = None, 0.0, math.inf
     privacy = node_privacy(context, cfg, node.pid)
     if p.sample_level:
