@@ -46,6 +46,9 @@ PRIVACY_MODES: tuple[str, ...] = ("sample", "client", "both", "off")
 CLIENT_CLIPPINGS: tuple[str, ...] = ("fixed", "adaptive")
 CLIPPING_SIDES: tuple[str, ...] = ("server", "client")
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+#: ``privacy.recipe``: the configured local batch/epochs/lr, or a DP-aware one chosen per client
+#: (fedmer.privacy.recipe).
+RECIPES: tuple[str, ...] = ("manual", "auto")
 # Dataset, encoder, fusion, auxiliary-loss and strategy names are whatever fedmer.registry holds.
 #: Sentinel used in the flat run_config for "derive the noise from the target epsilon".
 AUTO = "auto"
@@ -198,6 +201,7 @@ class PrivacyConfig:
     client_clipping_side: str = "server"
     stats_clip_norm: float = 20.0  # data.standardize=federated under DP-SGD: L2 bound of a sample's stats
     stats_epsilon_fraction: float = 0.1  # share of target_epsilon the stats release may spend alone
+    recipe: str = "manual"  # auto: batch, local steps and lr chosen per client for DP-SGD
 
     @property
     def sample_level(self) -> bool:
@@ -212,6 +216,7 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         _choice("privacy.mode", self.mode, PRIVACY_MODES)
         _choice("privacy.accountant", self.accountant, ACCOUNTANTS)
+        _choice("privacy.recipe", self.recipe, RECIPES)
         if not (isinstance(self.target_epsilon, (int, float)) and self.target_epsilon > 0):
             _fail("privacy.target_epsilon", self.target_epsilon, "expected a number > 0")
         if not (isinstance(self.delta, (int, float)) and 0.0 < self.delta < 1.0):

@@ -24,6 +24,7 @@ from fedmer.federation.statistics import standardize_model
 from fedmer.federation.strategies import build_strategy
 from fedmer.models import build_model_for
 from fedmer.privacy.client_level import client_level_epsilon
+from fedmer.privacy.run_noise import local_recipes
 from fedmer.results.figures import plot_learning_curve
 from fedmer.results.layout import LEARNING_CURVE_PNG, run_dir
 from fedmer.results.progress import RoundProgress
@@ -87,6 +88,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
             "clients_refused_total": sum(len(r.refusals) for r in strategy.rounds.values()),
             "chance_uar": 1.0 / split.test.num_classes,
             "class_names": list(split.test.class_names),
+            "local_recipes": local_recipes(cfg, sizes),
             **stats_extra,
         },
     )

@@ -21,7 +21,7 @@ from torch import nn
 from fedmer import records as rk
 from fedmer.federation.node import Node, node_privacy
 from fedmer.privacy.engine import PrivacyHistory, planned_steps
-from fedmer.privacy.run_noise import dp_sgd_noise
+from fedmer.privacy.run_noise import local_recipe
 from fedmer.training.local import DPSGD, train_local
 from fedmer.training.loops import TrainResult, seed_everything
 
@@ -59,13 +59,16 @@ def train_round(
     """
     cfg, p = node.cfg, node.cfg.privacy
     server_round = int(rk.scalar(config, rk.SERVER_ROUND))
-    lr = float(rk.scalar(config, rk.LR, cfg.federation.lr))
-    epochs = int(rk.scalar(config, rk.LOCAL_EPOCHS, cfg.federation.local_epochs))
+    recipe = local_recipe(cfg, len(node.data))
+    lr, epochs, batch = recipe.lr, recipe.epochs, recipe.batch_size
+    if p.recipe == "manual":  # the server's round config rules (as every Flower strategy sends it)
+        lr = float(rk.scalar(config, rk.LR, cfg.federation.lr))
+        epochs = int(rk.scalar(config, rk.LOCAL_EPOCHS, cfg.federation.local_epochs))
     dp, noise, lifetime = None, 0.0, math.inf
     privacy = node_privacy(context, cfg, node.pid)
     if p.sample_level:
-        noise = dp_sgd_noise(cfg, len(node.data))
-        rate, steps = planned_steps(len(node.data), cfg.federation.batch_size, epochs, 1)
+        noise = recipe.noise_multiplier
+        rate, steps = planned_steps(len(node.data), batch, epochs, 1)
         lifetime = privacy.charge((noise, rate, steps), server_round)  # raises BudgetExceeded
         dp = DPSGD(noise, p.max_grad_norm, p.accountant, history=privacy.history, planned_steps=steps)
     result = train_local(
@@ -73,7 +76,7 @@ def train_round(
         node.data,
         epochs=epochs,
         lr=lr,
-        batch_size=cfg.federation.batch_size,
+        batch_size=batch,
         seed=seed,
         dp=dp,
         proximal_mu=float(rk.scalar(config, rk.PROXIMAL_MU, 0.0)),

@@ -15,8 +15,16 @@ import math
 
 from fedmer.config import ExperimentConfig
 from fedmer.privacy.engine import HistoryEntry, gaussian_release_noise, noise_for_target, planned_steps
+from fedmer.privacy.recipe import LocalRecipe, choose_recipe
 
-__all__ = ["dp_sgd_noise", "release_skipped_because", "stats_noise_multiplier", "stats_prior"]
+__all__ = [
+    "dp_sgd_noise",
+    "local_recipe",
+    "local_recipes",
+    "release_skipped_because",
+    "stats_noise_multiplier",
+    "stats_prior",
+]
 
 
 def stats_noise_multiplier(cfg: ExperimentConfig) -> float:
@@ -65,6 +73,57 @@ def _noise(target: float, delta: float, rate: float, steps: int, accountant: str
     return noise_for_target(target, delta, rate, steps, accountant, prior=prior)
 
 
+def _auto(cfg: ExperimentConfig) -> bool:
+    """The DP-aware recipe applies: asked for, DP-SGD on, noise derived from a finite target."""
+    p = cfg.privacy
+    return (
+        p.recipe == "auto"
+        and p.sample_level
+        and p.noise_multiplier is None
+        and not math.isinf(p.target_epsilon)
+    )
+
+
+def local_recipe(cfg: ExperimentConfig, num_examples: int) -> LocalRecipe:
+    """A client's local batch, epochs, lr and DP-SGD noise for every round of this run.
+
+    ``privacy.recipe=manual`` (or no DP-SGD, or a fixed noise multiplier): the configured
+    ``federation`` values; ``auto``: :func:`fedmer.privacy.recipe.choose_recipe`.
+    """
+    p, f = cfg.privacy, cfg.federation
+    if _auto(cfg):
+        return choose_recipe(
+            num_examples,
+            num_rounds=f.num_rounds,
+            target_epsilon=p.target_epsilon,
+            delta=p.delta,
+            accountant=p.accountant,
+            max_grad_norm=p.max_grad_norm,
+            lr=f.lr,
+            batch_size=f.batch_size,
+            prior=stats_prior(cfg),
+        )
+    rate, steps = planned_steps(num_examples, f.batch_size, f.local_epochs, f.num_rounds)
+    sigma = dp_sgd_noise(cfg, num_examples) if p.sample_level else 0.0
+    return LocalRecipe(
+        batch_size=f.batch_size,
+        epochs=f.local_epochs,
+        lr=f.lr,
+        sample_rate=rate,
+        steps_per_round=steps // f.num_rounds,
+        noise_multiplier=sigma,
+        noise_per_step=sigma * p.max_grad_norm / (rate * num_examples),
+        why="as configured (privacy.recipe=manual)" if p.recipe == "manual" else "no noise to balance",
+    )
+
+
+def local_recipes(cfg: ExperimentConfig, sizes: list[int]) -> dict[str, dict[str, object]]:
+    """Every client's recipe by partition id, for the run's summary (what was chosen and why)."""
+    if not cfg.privacy.sample_level:
+        return {}
+    return {str(pid): local_recipe(cfg, n).as_dict() for pid, n in enumerate(sizes)}
+
+
 def dp_sgd_noise(cfg: ExperimentConfig, num_examples: int) -> float:
     """The configured DP-SGD noise, or the noise that with :func:`stats_prior` meets the target."""
     p, f = cfg.privacy, cfg.federation
@@ -72,5 +131,7 @@ def dp_sgd_noise(cfg: ExperimentConfig, num_examples: int) -> float:
         return p.noise_multiplier
     if math.isinf(p.target_epsilon):
         return 0.0  # the frontier's right end: DP-SGD's clipping, no noise (epsilon = inf)
+    if _auto(cfg):
+        return local_recipe(cfg, num_examples).noise_multiplier
     rate, steps = planned_steps(num_examples, f.batch_size, f.local_epochs, f.num_rounds)
     return _noise(p.target_epsilon, p.delta, rate, steps, p.accountant, stats_prior(cfg))

@@ -45,6 +45,13 @@ def privacy_statement(cfg: ExperimentConfig) -> dict[str, Any]:
         "target_epsilon": p.target_epsilon if p.noise_multiplier is None else None,
         "noise_multiplier": p.noise_multiplier if p.noise_multiplier is not None else "derived from target",
         "per_sample_clip": p.max_grad_norm,
+        "recipe": (
+            "auto: per client, the sampling rate, local steps and lr with the most steps whose noise "
+            "per averaged gradient stays within a bound, chosen from the client's size, the rounds and "
+            "(epsilon, delta) only (summary.json: local_recipes)"
+            if p.recipe == "auto"
+            else "manual: federation.batch_size, local_epochs and lr as configured"
+        ),
         "update_clip_norm": p.update_clip_norm,
         "note": "epsilon is cumulative over every round the client trained in; "
         "max over clients is the figure to quote",

@@ -16,12 +16,11 @@ from torch import nn
 
 from fedmer.data.base import MultimodalDataset
 from fedmer.privacy.engine import PrivacyHistory, make_private
+from fedmer.privacy.recipe import MOMENTUM  # the auto recipe's lr assumes this momentum
 from fedmer.training.loops import TrainResult, make_loader, train_epochs
 
 __all__ = ["DPSGD", "LocalResult", "train_local"]
 
-#: SGD momentum of every local optimiser (clients, shadows, personalisation).
-MOMENTUM = 0.9
 
 
 @dataclass(frozen=True)

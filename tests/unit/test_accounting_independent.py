@@ -202,3 +202,18 @@ def test_the_statistics_release_is_a_plain_gaussian_to_dp_accounting(sigma: floa
     assert -PLD_SLACK <= prv - pld.get_epsilon(DELTAS[0]) <= PRV_ATOL
     # composed with a run's DP-SGD, as every client's reported epsilon is
     _check_rdp(((sigma, 1.0, 1), (1.0, 0.2, 50)), DELTAS[0])
+
+
+@pytest.mark.parametrize(("n", "accountant"), [(45, "rdp"), (640, "rdp"), (45, "prv")])
+def test_the_auto_recipes_spend_matches_dp_accounting(n: int, accountant: str) -> None:
+    """privacy.recipe=auto: the chosen (noise, rate, steps) meets the target by an independent accountant."""
+    from fedmer.privacy.recipe import choose_recipe
+
+    rounds = 20
+    r = choose_recipe(
+        n, num_rounds=rounds, target_epsilon=8.0, delta=DELTAS[0], accountant=accountant,
+        max_grad_norm=1.0, lr=0.1, batch_size=128,
+    )  # fmt: skip
+    entries = ((r.noise_multiplier, r.sample_rate, r.steps_per_round * rounds),)
+    (_check_rdp if accountant == "rdp" else _check_prv)(entries, DELTAS[0])
+    assert _ours(entries, DELTAS[0], accountant) <= 8.0 + 0.01

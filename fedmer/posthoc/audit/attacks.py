@@ -30,7 +30,7 @@ from fedmer.data.feature_stats import exact_feature_stats
 from fedmer.models import build_model_for
 from fedmer.posthoc.audit.roc import AttackResult
 from fedmer.privacy.engine import planned_steps
-from fedmer.privacy.run_noise import dp_sgd_noise
+from fedmer.privacy.run_noise import dp_sgd_noise, local_recipe
 from fedmer.training.local import DPSGD, train_local
 from fedmer.training.loops import seed_everything
 
@@ -89,8 +89,7 @@ def run_noise_multiplier(cfg: ExperimentConfig, client_size: int) -> float:
 
 def run_steps(cfg: ExperimentConfig, client_size: int) -> int:
     """Local DP-SGD steps a client of ``client_size`` took over the run (if in every round)."""
-    f = cfg.federation
-    return planned_steps(client_size, f.batch_size, f.local_epochs, f.num_rounds)[1]
+    return local_recipe(cfg, client_size).steps_per_round * cfg.federation.num_rounds
 
 
 def train_like_run(
@@ -106,11 +105,12 @@ def train_like_run(
     model = build_model_for(cfg, data)
     if model.standardizer is not None:  # as the run did, from its own training data (exact here)
         model.set_feature_stats(exact_feature_stats(data))
-    f, p = cfg.federation, cfg.privacy
-    steps_per_epoch = planned_steps(len(data), f.batch_size, 1, 1)[1]
+    p = cfg.privacy
+    recipe = local_recipe(cfg, len(data))
+    steps_per_epoch = planned_steps(len(data), recipe.batch_size, 1, 1)[1]
     dp = DPSGD(noise, p.max_grad_norm, p.accountant) if p.mode == "sample" else None
     epochs = max(1, round(steps / steps_per_epoch))
-    train_local(model, data, epochs=epochs, lr=f.lr, batch_size=f.batch_size, seed=seed, dp=dp)
+    train_local(model, data, epochs=epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=seed, dp=dp)
     return model
 
 
