@@ -63,11 +63,24 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         _fail(key, value, f"expected one of {', '.join(allowed)}")
 
 
-def _positive(key: str, value: float, *, integer: bool = False) -> None:
+def _positive(key: str, value: float, *, integer: bool = False, allow_inf: bool = False) -> None:
+    """A number > 0; infinity only where it means something (a cap of inf = no cap).
+
+    An infinite clip norm, learning rate or noise can only produce non-finite training, so
+    it is refused here, before anything runs, rather than found as a NaN model afterwards.
+    """
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
         _fail(key, value, "expected a positive integer")
     if not isinstance(value, (int, float)) or not value > 0 or math.isnan(value):
         _fail(key, value, "expected a number > 0")
+    if math.isinf(value) and not allow_inf:
+        _fail(key, value, "expected a finite number > 0 (inf can only make training non-finite)")
+
+
+def _non_negative(key: str, value: float) -> None:
+    """A finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        _fail(key, value, "expected a finite number >= 0")
 
 
 def _fraction(key: str, value: float, *, low_open: bool = True) -> None:
@@ -168,10 +181,8 @@ class ModelConfig:
         registry.FUSIONS.check(self.fusion)
         _positive("model.hidden", self.hidden, integer=True)
         registry.AUX_LOSSES.check(self.aux_loss)
-        if not (isinstance(self.aux_weight, (int, float)) and self.aux_weight >= 0):
-            _fail("model.aux_weight", self.aux_weight, "expected a number >= 0")
-        if not (isinstance(self.intensity_weight, (int, float)) and self.intensity_weight >= 0):
-            _fail("model.intensity_weight", self.intensity_weight, "expected a number >= 0")
+        _non_negative("model.aux_weight", self.aux_weight)
+        _non_negative("model.intensity_weight", self.intensity_weight)
         if not (isinstance(self.modality_dropout, (int, float)) and 0.0 <= self.modality_dropout < 1.0):
             _fail("model.modality_dropout", self.modality_dropout, "expected [0, 1)")
 
@@ -222,12 +233,16 @@ class PrivacyConfig:
         if not (isinstance(self.delta, (int, float)) and 0.0 < self.delta < 1.0):
             _fail("privacy.delta", self.delta, "expected a number in the open interval (0, 1)")
         if self.noise_multiplier is not None and not (
-            isinstance(self.noise_multiplier, (int, float)) and self.noise_multiplier >= 0
+            isinstance(self.noise_multiplier, (int, float)) and 0 <= self.noise_multiplier < math.inf
         ):
-            _fail("privacy.noise_multiplier", self.noise_multiplier, f"expected '{AUTO}' or >= 0")
+            _fail(
+                "privacy.noise_multiplier",
+                self.noise_multiplier,
+                f"expected '{AUTO}' or a finite number >= 0",
+            )
         _positive("privacy.max_grad_norm", self.max_grad_norm)
         _positive("privacy.update_clip_norm", self.update_clip_norm)
-        _positive("privacy.budget_cap", self.budget_cap)
+        _positive("privacy.budget_cap", self.budget_cap, allow_inf=True)
         _choice("privacy.client_clipping", self.client_clipping, CLIENT_CLIPPINGS)
         _choice("privacy.client_clipping_side", self.client_clipping_side, CLIPPING_SIDES)
         _positive("privacy.stats_clip_norm", self.stats_clip_norm)
@@ -260,8 +275,7 @@ class StrategyConfig:
 
     def __post_init__(self) -> None:
         registry.STRATEGIES.check(self.name)
-        if self.proximal_mu < 0:
-            _fail("strategy.proximal_mu", self.proximal_mu, "expected >= 0")
+        _non_negative("strategy.proximal_mu", self.proximal_mu)
         _positive("strategy.server_lr", self.server_lr)
         if not 0.0 <= self.server_momentum < 1.0:
             _fail("strategy.server_momentum", self.server_momentum, "expected [0, 1)")

@@ -11,6 +11,7 @@ so the server can report max and mean epsilon, not only Flower's weighted mean.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +23,7 @@ from fedmer import records as rk
 from fedmer import registry
 from fedmer.config import ExperimentConfig
 from fedmer.federation.grid import short_reason
+from fedmer.federation.guard import check_aggregate, check_reply
 from fedmer.privacy.client_level import wrap_client_level_dp
 from fedmer.privacy.ledger import BUDGET_MARKER
 from fedmer.privacy.server_optimizer import noised_server_optimizer
@@ -111,11 +113,18 @@ def _bulyan(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
 
 
 class AccountedStrategy(fs.Strategy):
-    """Delegate everything to a Flower strategy; record, order and police the replies."""
+    """Delegate everything to a Flower strategy; record, order and police the replies.
 
-    def __init__(self, inner: fs.Strategy) -> None:
+    Policing (:mod:`fedmer.federation.guard`): a reply that is not a finite update of the
+    global model within ``update_bound`` (measured here) is rejected and never aggregated; a
+    non-finite aggregate is never applied (the round keeps the previous model).
+    """
+
+    def __init__(self, inner: fs.Strategy, update_bound: float = math.inf) -> None:
         self.inner = inner
+        self.update_bound = update_bound
         self.rounds: dict[int, RoundReport] = {}
+        self._sent: tuple[int, ArrayRecord] | None = None  # (round, global arrays sent)
 
     def summary(self) -> None:
         self.inner.summary()
@@ -125,6 +134,7 @@ class AccountedStrategy(fs.Strategy):
     ) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.rounds[server_round] = RoundReport(server_round, sampled=len(messages))
+        self._sent = (server_round, arrays)
         return messages
 
     def aggregate_train(
@@ -132,13 +142,29 @@ class AccountedStrategy(fs.Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = _ordered(replies)
         report = self.rounds.setdefault(server_round, RoundReport(server_round))
+        reference = self._sent[1] if self._sent and self._sent[0] == server_round else None
+        weight_key = getattr(self.inner, "weighted_by_key", rk.NUM_EXAMPLES)
+        accepted = []
         for msg in replies:
             if msg.has_error():
                 text = msg.error.reason or f"error code {msg.error.code} without a reason"
                 reason = f"node {msg.metadata.src_node_id}: {short_reason(text)}"
                 (report.refusals if BUDGET_MARKER in text else report.failures).append(reason)
-            else:
-                report.clients.append(dict(msg.content[rk.METRICS]))
+                accepted.append(msg)  # Flower's strategies skip error replies themselves
+                continue
+            why = check_reply(msg, reference, self.update_bound, weight_key)
+            if why is not None:
+                report.rejections.append(f"node {msg.metadata.src_node_id}: {why}")
+                continue
+            report.clients.append(dict(msg.content[rk.METRICS]))
+            accepted.append(msg)
+        if report.rejections:
+            log.error(
+                "round %d: %d update(s) rejected, not aggregated:\n  %s",
+                server_round,
+                len(report.rejections),
+                "\n  ".join(report.rejections),
+            )
         if report.refusals:
             log.warning(
                 "round %d: %d client(s) refused to train, their privacy budget is spent:\n  %s",
@@ -155,10 +181,11 @@ class AccountedStrategy(fs.Strategy):
                 "\n  ".join(report.failures),
             )
         if replies and not report.clients:
-            first = (report.failures or report.refusals)[0]
+            first = (report.failures or report.rejections or report.refusals)[0]
             raise RuntimeError(
                 f"round {server_round}: no sampled client trained ({len(report.failures)} failed, "
-                f"{len(report.refusals)} refused: budget spent); first: {first}"
+                f"{len(report.rejections)} rejected, {len(report.refusals)} refused: budget spent); "
+                f"first: {first}"
             )
         if len(replies) < report.sampled:
             log.warning(
@@ -167,7 +194,13 @@ class AccountedStrategy(fs.Strategy):
                 report.sampled - len(replies),
                 report.sampled,
             )
-        return self.inner.aggregate_train(server_round, replies)
+        arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        why = check_aggregate(arrays)
+        if why is not None:
+            report.aggregate_rejected = f"{why}: kept the previous global model"
+            log.error("round %d: %s", server_round, report.aggregate_rejected)
+            return None, metrics
+        return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -231,10 +264,11 @@ def build_strategy(cfg: ExperimentConfig) -> AccountedStrategy:
         dp = wrap_client_level_dp(fs.FedAvg(**common), cfg)
         optimizer_cls = type(factory(cfg, common))
         return AccountedStrategy(
-            noised_server_optimizer(optimizer_cls, dp, lambda cls: factory(cfg, common, cls))
+            noised_server_optimizer(optimizer_cls, dp, lambda cls: factory(cfg, common, cls)),
+            update_bound=cfg.privacy.update_clip_norm,
         )
     strategy = factory(cfg, common)
     if cfg.privacy.client_level:
         strategy = wrap_client_level_dp(strategy, cfg)
-    return AccountedStrategy(strategy)
+    return AccountedStrategy(strategy, update_bound=cfg.privacy.update_clip_norm)
 

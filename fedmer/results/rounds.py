@@ -34,6 +34,7 @@ CSV_COLUMNS = (
     "clients_replied",
     "clients_failed",
     "clients_refused",
+    "clients_rejected",  # replies not aggregated (non-finite, wrong shape, norm above C)
     "client_epsilon",
     "train_loss",
     "update_norm_mean",
@@ -50,6 +51,8 @@ class RoundReport:
     sampled: int = 0
     failures: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)  # nodes whose privacy budget is spent
+    rejections: list[str] = field(default_factory=list)  # replies the server refused to aggregate
+    aggregate_rejected: str | None = None  # why the round kept the previous model
     clients: list[dict] = field(default_factory=list)  # one MetricRecord (as dict) per reply
 
     def epsilons(self) -> list[float]:
@@ -92,6 +95,7 @@ def round_row(
         "clients_replied": len(clients),
         "clients_failed": len(rr.failures) if rr else 0,
         "clients_refused": len(rr.refusals) if rr else 0,
+        "clients_rejected": len(rr.rejections) if rr else 0,
         "train_loss": statistics.fmean(float(c[rk.TRAIN_LOSS]) for c in clients) if clients else None,
         "update_norm_mean": statistics.fmean(norms) if norms else None,
         "update_clipped_frac": statistics.fmean(float(c[rk.UPDATE_CLIPPED]) for c in clients)
@@ -106,6 +110,8 @@ def round_row(
         "client_epsilons": {int(c[rk.PARTITION_ID]): float(c[rk.EPSILON]) for c in clients},
         "failures": rr.failures if rr else [],
         "refusals": rr.refusals if rr else [],
+        "rejections": rr.rejections if rr else [],
+        "aggregate_rejected": rr.aggregate_rejected if rr else None,
         "client_epsilons_lifetime": {
             int(c[rk.PARTITION_ID]): float(c[rk.EPSILON_LIFETIME])
             for c in clients

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import tomllib
@@ -105,3 +106,30 @@ def test_hydra_override_reaches_the_experiment() -> None:
         compose(["strategy=fedprox", "privacy.target_epsilon=4", "federation.num_clients=50"])
     )
     assert (exp.strategy.name, exp.privacy.target_epsilon, exp.federation.num_clients) == ("fedprox", 4.0, 50)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "privacy.update_clip_norm",
+        "privacy.max_grad_norm",
+        "privacy.stats_clip_norm",
+        "privacy.noise_multiplier",
+        "strategy.server_lr",
+        "strategy.tau",
+        "strategy.proximal_mu",
+        "federation.lr",
+        "model.aux_weight",
+        "partition.alpha",
+    ],
+)
+def test_infinite_values_that_can_only_make_training_non_finite_are_refused(key: str) -> None:
+    """e.g. privacy.update_clip_norm=inf used to pass and save an all-NaN model.pt with rc 0."""
+    flat = ExperimentConfig().to_run_config() | {key: math.inf}
+    with pytest.raises(ConfigError, match=rf"invalid {re.escape(key)}=inf: expected .*finite"):
+        ExperimentConfig.from_run_config(flat)
+
+
+def test_an_infinite_budget_cap_still_means_no_cap() -> None:
+    flat = ExperimentConfig().to_run_config() | {"privacy.budget_cap": math.inf}
+    assert math.isinf(ExperimentConfig.from_run_config(flat).privacy.budget_cap)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fs
 
 from fedmer import records as rk
@@ -15,6 +15,7 @@ from fedmer.federation.strategies import (
     build_strategy,
     register_strategy,
 )
+from tests.conftest import NodeListGrid
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +123,64 @@ def test_budget_refusals_are_told_apart_from_failures() -> None:
     report = strategy.rounds[1]
     assert report.failures == [] and len(report.refusals) == 1
     assert "would reach epsilon 8.3" in report.refusals[0] and "cap of 8" in report.refusals[0]
+
+
+def _sent(strategy: AccountedStrategy, server_round: int, value: float = 0.0) -> ArrayRecord:
+    """configure_train with a global model of three ``value`` entries (what the guard measures against)."""
+    arrays = ArrayRecord([np.full(3, value, dtype=np.float32)])
+    strategy.configure_train(server_round, arrays, ConfigRecord(), NodeListGrid(list(range(10, 110, 10))))
+    return arrays
+
+
+def test_a_nan_update_is_rejected_named_and_never_averaged_in() -> None:
+    strategy = build_strategy(_cfg("fedavg"))
+    _sent(strategy, 1)
+    replies = [_reply(0, 1.0, 0.5, 10), _reply(1, float("nan"), 0.5, 20), _reply(2, 2.5, 0.5, 30)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    report = strategy.rounds[1]
+    assert report.rejections == ["node 20: non-finite values in 0"]
+    assert [c[rk.PARTITION_ID] for c in report.clients] == [0, 2]
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 1.75))  # mean of the two others
+
+
+def test_a_scaled_sign_flipped_update_is_rejected_by_the_norm_the_server_measures() -> None:
+    """The attacker reports update_norm 0.5; the server measures 1000 * sqrt(3) against C = 5."""
+    strategy = build_strategy(_cfg("fedavg"))
+    _sent(strategy, 1)
+    replies = [_reply(0, 1.0, 0.5, 10), _reply(1, -1000.0, 0.5, 20)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    (why,) = strategy.rounds[1].rejections
+    assert why.startswith("node 20: update norm 1732 (measured by the server) exceeds the clip bound C=5")
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 1.0))
+
+
+def test_wrong_shapes_keys_and_weights_are_rejected() -> None:
+    strategy = build_strategy(_cfg("fedavg"))
+    _sent(strategy, 1)
+    wrong_shape = _reply(1, 1.0, 0.5, 20)
+    wrong_shape.content[rk.ARRAYS] = ArrayRecord([np.zeros(4, dtype=np.float32)])
+    bad_weight = _reply(2, 1.0, 0.5, 30)
+    bad_weight.content[rk.METRICS][rk.NUM_EXAMPLES] = float("inf")
+    strategy.aggregate_train(1, [_reply(0, 1.0, 0.5, 10), wrong_shape, bad_weight])
+    reasons = strategy.rounds[1].rejections
+    assert reasons[0] == "node 20: shape of 0 is (4,), the global model's is (3,)"
+    assert reasons[1].startswith("node 30: aggregation weight num-examples=inf is not a finite number")
+
+
+def test_when_every_reply_is_rejected_the_run_stops_and_says_why() -> None:
+    strategy = build_strategy(_cfg("fedavg"))
+    _sent(strategy, 1)
+    with pytest.raises(RuntimeError, match="no sampled client trained.*2 rejected.*non-finite"):
+        strategy.aggregate_train(1, [_reply(0, float("nan"), 0.5, 10), _reply(1, float("inf"), 0.5, 20)])
+
+
+def test_a_non_finite_aggregate_is_never_applied() -> None:
+    """A real Flower strategy whose server step overflows: the round keeps the previous model."""
+    inner = fs.FedAvgM(server_learning_rate=float("inf"), server_momentum=0.0)
+    strategy = AccountedStrategy(inner, update_bound=5.0)
+    _sent(strategy, 1)
+    arrays, _ = strategy.aggregate_train(1, [_reply(0, 1.0, 0.5, 10), _reply(1, 2.0, 0.5, 20)])
+    assert arrays is None  # Flower's Strategy.start then keeps the previous global arrays
+    assert (
+        strategy.rounds[1].aggregate_rejected == "non-finite aggregate in 0: kept the previous global model"
+    )
