@@ -303,6 +303,7 @@ class FederationConfig:
     batch_size: int = 128
     lr: float = 0.1
     client_cpus: float = 1.0
+    max_failed_fraction: float = 0.5  # a run whose share of failed or rejected trainings exceeds this fails
 
     def __post_init__(self) -> None:
         _positive("federation.num_clients", self.num_clients, integer=True)
@@ -314,6 +315,7 @@ class FederationConfig:
         _positive("federation.batch_size", self.batch_size, integer=True)
         _positive("federation.lr", self.lr)
         _positive("federation.client_cpus", self.client_cpus)
+        _fraction("federation.max_failed_fraction", self.max_failed_fraction, low_open=False)
 
     @property
     def clients_per_round(self) -> int:

@@ -29,7 +29,7 @@ from fedmer.results.figures import plot_learning_curve
 from fedmer.results.layout import LEARNING_CURVE_PNG, run_dir
 from fedmer.results.progress import RoundProgress
 from fedmer.results.recorder import RunRecorder
-from fedmer.results.rounds import round_row
+from fedmer.results.rounds import round_row, run_failure
 from fedmer.training.loops import evaluate_model
 
 __all__ = ["app", "run_server"]
@@ -80,9 +80,12 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
             evaluate_fn=evaluate_fn,
         )
     final_state = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
+    failure = run_failure(strategy.rounds.values(), cfg.federation.max_failed_fraction)
     summary = recorder.finish(
         final_state,
         {
+            "status": "failed" if failure else "ok",
+            "failure": failure,
             "wall_time_s": round(time.monotonic() - t0, 2),
             "clients_failed_total": sum(len(r.failures) for r in strategy.rounds.values()),
             "clients_refused_total": sum(len(r.refusals) for r in strategy.rounds.values()),
@@ -101,6 +104,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
         title=f"{cfg.data.scenario}: {cfg.model.fusion} fusion, {cfg.strategy.name}, "
         f"{cfg.federation.num_clients} clients",
     )
+    if failure:  # the files are written for a post-mortem, but the run must not look like a success
+        raise RuntimeError(f"FedMER run failed: {failure}; files in {out_dir}")
     log.info("FedMER finished: final held-out UAR %.4f; files in %s", summary["final"].get("uar"), out_dir)
     return summary
 

@@ -36,7 +36,10 @@ def run(exp: ExperimentConfig) -> dict[str, Any]:
     summary_path = run_dir(exp.output_dir, run_id) / SUMMARY_JSON
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    return {**json.loads(summary_path.read_text()), "run_dir": str(summary_path.parent)}
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "ok":
+        raise RuntimeError(f"the run failed: {summary.get('failure')}; files in {summary_path.parent}")
+    return {**summary, "run_dir": str(summary_path.parent)}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -49,6 +52,9 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         log.error("configuration error: %s", err)
         sys.exit(2)
+    except RuntimeError as err:  # a failed run never exits 0 (its files stay for a post-mortem)
+        log.error("%s", err)
+        sys.exit(1)
     final = summary["final"]
     log.info(
         "final held-out UAR %.4f (accuracy %.4f, macro-F1 %.4f); max client epsilon %s at delta %s (%s)",

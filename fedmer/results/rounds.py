@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedmer import records as rk
 from fedmer.config import ExperimentConfig
 
-__all__ = ["CSV_COLUMNS", "RoundReport", "round_row"]
+__all__ = ["CSV_COLUMNS", "RoundReport", "round_row", "run_failure"]
 
 CSV_COLUMNS = (
     "round",
@@ -119,3 +120,26 @@ def round_row(
         },
     }
     return row, detail
+
+
+def run_failure(rounds: Iterable[RoundReport], max_failed_fraction: float) -> str | None:
+    """Why the run as a whole failed, or None: too many of its trainings failed or were rejected.
+
+    A training that failed (the client raised, was killed, timed out) or whose update the
+    server rejected did not contribute; when more than ``max_failed_fraction`` of the sampled
+    trainings are such, the model is not what the config describes, and the run must not
+    exit 0 (a 10,000-client simulation once lost 21 of 30 trainings to the OOM killer and
+    reported success). Refusals (a spent privacy budget) are a node's policy, not a failure.
+    """
+    reports = list(rounds)
+    sampled = sum(r.sampled for r in reports)
+    bad = sum(len(r.failures) + len(r.rejections) for r in reports)
+    missing = sum(max(r.sampled - len(r.clients) - len(r.failures) - len(r.rejections) - len(r.refusals), 0)
+                  for r in reports)  # fmt: skip
+    bad += missing  # sampled but never replied (e.g. timed out)
+    if sampled and bad / sampled > max_failed_fraction:
+        return (
+            f"{bad} of {sampled} sampled trainings failed, were rejected or never replied "
+            f"(more than federation.max_failed_fraction={max_failed_fraction:g})"
+        )
+    return None

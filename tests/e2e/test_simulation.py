@@ -49,7 +49,8 @@ def test_result_files_are_written(quick_run: Path) -> None:
         rows = list(csv.DictReader(fh))
     assert [r["round"] for r in rows] == ["0", "1", "2"]
     summary = json.loads((quick_run / "summary.json").read_text())
-    assert summary["clients_failed_total"] == 0
+    assert summary["clients_failed_total"] == 0 and summary["clients_rejected_total"] == 0
+    assert summary["status"] == "ok" and summary["failure"] is None and summary["aggregates_rejected"] == []
     assert summary["privacy"]["accountant"] == "rdp" and summary["privacy"]["delta"] == 1e-5
     assert summary["privacy"]["unit"].startswith("sample")
 

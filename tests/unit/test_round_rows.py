@@ -47,3 +47,19 @@ def test_without_an_intensity_head_the_columns_are_empty() -> None:
     report = evaluate_model(build_model(ModelConfig(hidden=8), data.feature_slices, 3), data)
     row, _ = round_row(1, report, None, ExperimentConfig(), 0.0, None)
     assert row["intensity_uar"] is None and row["intensity_accuracy"] is None
+
+
+def test_a_run_whose_trainings_mostly_failed_is_a_failed_run() -> None:
+    """Failures, rejections and silent nodes count; budget refusals (a node's policy) do not."""
+    from fedmer.results.rounds import RoundReport, run_failure
+
+    ok = RoundReport(1, sampled=4, clients=[{}, {}, {}], failures=["node 1: killed"])
+    assert run_failure([ok], 0.5) is None
+    bad = RoundReport(2, sampled=4, clients=[{}], rejections=["node 2: non-finite values in w"])  # 2 silent
+    assert run_failure([ok, bad], 0.5) is None  # 4 of 8 is not more than half
+    assert run_failure([ok, bad], 0.4) == (
+        "4 of 8 sampled trainings failed, were rejected or never replied "
+        "(more than federation.max_failed_fraction=0.4)"
+    )
+    refused = RoundReport(3, sampled=2, refusals=["node 3: budget"] * 2)
+    assert run_failure([refused], 0.0) is None
