@@ -13,7 +13,7 @@ run: setup
 	$(PY) -m simulations.run $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q -ra $(ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not e2e and not slow" $(ARGS)
