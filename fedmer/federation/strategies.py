@@ -158,28 +158,13 @@ class AccountedStrategy(fs.Strategy):
                 continue
             report.clients.append(dict(msg.content[rk.METRICS]))
             accepted.append(msg)
-        if report.rejections:
-            log.error(
-                "round %d: %d update(s) rejected, not aggregated:\n  %s",
-                server_round,
-                len(report.rejections),
-                "\n  ".join(report.rejections),
-            )
-        if report.refusals:
-            log.warning(
-                "round %d: %d client(s) refused to train, their privacy budget is spent:\n  %s",
-                server_round,
-                len(report.refusals),
-                "\n  ".join(report.refusals),
-            )
-        if report.failures:
-            log.warning(
-                "round %d: %d of %d clients failed:\n  %s",
-                server_round,
-                len(report.failures),
-                len(replies),
-                "\n  ".join(report.failures),
-            )
+        for level, items, what in (
+            (logging.ERROR, report.rejections, "update(s) rejected, not aggregated"),
+            (logging.WARNING, report.refusals, "client(s) refused to train, their privacy budget is spent"),
+            (logging.WARNING, report.failures, f"of {len(replies)} clients failed"),
+        ):
+            if items:
+                log.log(level, "round %d: %d %s:\n  %s", server_round, len(items), what, "\n  ".join(items))
         if replies and not report.clients:
             first = (report.failures or report.rejections or report.refusals)[0]
             raise RuntimeError(
