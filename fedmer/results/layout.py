@@ -20,6 +20,7 @@ __all__ = [
     "ROUNDS_CSV",
     "ROUNDS_JSONL",
     "RUN_ID",
+    "RUN_LOCK",
     "SUMMARY_JSON",
     "ledger_file",
     "run_dir",
@@ -37,6 +38,8 @@ LEARNING_CURVE_PNG = "learning_curve.png"
 FEATURE_STATS_JSON = "feature_stats.json"
 AUDIT_JSON = "audit.json"
 AUDIT_PNG = "audit_roc.png"
+#: Held by the process writing a run (its pid), so a second run cannot write into the folder.
+RUN_LOCK = "run.lock"
 #: Simulated nodes keep their privacy ledgers here (a real SuperNode names its own file).
 LEDGER_DIR = "ledgers"
 

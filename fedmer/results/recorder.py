@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ from fedmer.results.layout import (
     LEARNING_CURVE_PNG,
     ROUNDS_CSV,
     ROUNDS_JSONL,
+    RUN_LOCK,
     SUMMARY_JSON,
 )
 from fedmer.results.rounds import CSV_COLUMNS
 
-__all__ = ["RunRecorder", "json_clean", "read_rounds"]
+__all__ = ["RunFolderError", "RunRecorder", "claim_run_folder", "json_clean", "read_rounds"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,52 @@ def json_clean(value: Any) -> Any:
     return value
 
 
+class RunFolderError(RuntimeError):
+    """The run folder holds a finished run, or another live run is writing it."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_run_folder(out_dir: Path) -> None:
+    """Make ``out_dir`` this process's run folder, or refuse: one run per folder.
+
+    A folder with a ``summary.json`` holds a finished run and is never overwritten; a folder
+    whose lock names a live process is in use (two runs would interleave ``rounds.csv`` and one
+    would report the other's result). A lock left by a dead process (a killed run) is taken
+    over with a warning.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / SUMMARY_JSON).exists():
+        raise RunFolderError(
+            f"{out_dir} already holds a finished run ({SUMMARY_JSON}); a run never overwrites another: "
+            "give this one its own output.dir (Hydra does: outputs/DATE/TIME) or move the old one away"
+        )
+    lock = out_dir / RUN_LOCK
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        text = lock.read_text().strip()
+        holder = int(text) if text.isdigit() else 0
+        if holder and _alive(holder):
+            raise RunFolderError(
+                f"{out_dir} is in use by the run of process {holder} ({RUN_LOCK}); "
+                "give this run its own output.dir"
+            ) from None
+        log.warning("%s: taking over the folder of a run that is gone (process %s)", out_dir, holder or "?")
+        lock.write_text(str(os.getpid()))
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+
+
 @dataclass
 class RunRecorder:
     """Writes one run's files into ``out_dir`` as the run goes."""
@@ -58,7 +106,7 @@ class RunRecorder:
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(self.out_dir)
         for name in (ROUNDS_JSONL, ROUNDS_CSV):
             (self.out_dir / name).unlink(missing_ok=True)
         config = {"run_config": self.cfg.to_run_config(), "privacy": privacy_statement(self.cfg)}
@@ -95,6 +143,7 @@ class RunRecorder:
             **extra,
         }
         (self.out_dir / SUMMARY_JSON).write_text(json.dumps(json_clean(summary), indent=2))
+        (self.out_dir / RUN_LOCK).unlink(missing_ok=True)  # finished: summary.json now guards the folder
         return summary
 
 

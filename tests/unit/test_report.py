@@ -76,3 +76,27 @@ def test_client_unit_reports_the_client_epsilon_and_audits_feed_the_attack_plot(
         in report
     )
     assert (tmp_path / "attack_auc_vs_epsilon.png").stat().st_size > 0
+
+
+def test_one_run_per_folder(tmp_path: Path) -> None:
+    """A live run's folder is refused, a finished one never overwritten, a dead run's lock taken over."""
+    import os
+
+    from fedmer.results.layout import RUN_LOCK
+    from fedmer.results.recorder import RunFolderError
+
+    cfg = ExperimentConfig()
+    rec = RunRecorder(tmp_path / "a", cfg)
+    assert (tmp_path / "a" / RUN_LOCK).read_text() == str(os.getpid())
+    with pytest.raises(RunFolderError, match=rf"in use by the run of process {os.getpid()}"):
+        RunRecorder(tmp_path / "a", cfg)
+    row = dict.fromkeys(CSV_COLUMNS, 0) | {"round": 0}
+    rec.record(row, {})
+    rec.finish({"w": torch.zeros(1)}, {})
+    assert not (tmp_path / "a" / RUN_LOCK).exists()
+    with pytest.raises(RunFolderError, match="already holds a finished run"):
+        RunRecorder(tmp_path / "a", cfg)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / RUN_LOCK).write_text("999999999")  # a pid no process has
+    RunRecorder(tmp_path / "b", cfg)
+    assert (tmp_path / "b" / RUN_LOCK).read_text() == str(os.getpid())
