@@ -20,13 +20,14 @@ from flwr.app import ArrayRecord, Message
 
 from fedmer import records as rk
 
-__all__ = ["NORM_SLACK", "check_aggregate", "check_reply", "update_norm_of"]
+__all__ = ["NORM_SLACK", "as_arrays", "check_aggregate", "check_reply", "update_norm_of"]
 
 #: Relative slack on the bound: a client's clip lands at C up to float32 round-off.
 NORM_SLACK = 1e-4
 
 
-def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+def as_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """A record's arrays as numpy, by key (the server converts its global model once a round)."""
     return {k: np.asarray(v.numpy()) for k, v in record.items()}
 
 
@@ -48,9 +49,15 @@ def update_norm_of(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.
 
 
 def check_reply(
-    msg: Message, reference: ArrayRecord | None, bound: float, weight_key: str = rk.NUM_EXAMPLES
+    msg: Message,
+    reference: Mapping[str, np.ndarray] | None,
+    bound: float,
+    weight_key: str = rk.NUM_EXAMPLES,
 ) -> str | None:
-    """Why ``msg`` must not be aggregated, or None when it may be (see the module docstring)."""
+    """Why ``msg`` must not be aggregated, or None when it may be (see the module docstring).
+
+    ``reference``: the global model sent this round (:func:`as_arrays`), None when unknown.
+    """
     content = msg.content
     if rk.ARRAYS not in content.array_records:
         return "no model arrays in the reply"
@@ -59,13 +66,13 @@ def check_reply(
     weight = content.metric_records[rk.METRICS].get(weight_key)
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         return f"aggregation weight {weight_key}={weight!r} is not a finite number > 0"
-    arrays = _arrays(content.array_records[rk.ARRAYS])
+    arrays = as_arrays(content.array_records[rk.ARRAYS])
     bad = _non_finite(arrays)
     if bad:
         return f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
     if reference is None:
         return None
-    ref = _arrays(reference)
+    ref = reference
     if set(arrays) != set(ref):
         missing, extra = sorted(set(ref) - set(arrays)), sorted(set(arrays) - set(ref))
         return f"model keys differ from the global model's: missing {missing[:3]}, unexpected {extra[:3]}"
@@ -83,5 +90,5 @@ def check_aggregate(arrays: ArrayRecord | None) -> str | None:
     """Why the aggregate must not become the global model (non-finite entries), or None."""
     if arrays is None:
         return None
-    bad = _non_finite(_arrays(arrays))
+    bad = _non_finite(as_arrays(arrays))
     return f"non-finite aggregate in {', '.join(bad[:3])}" if bad else None

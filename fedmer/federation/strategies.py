@@ -23,7 +23,7 @@ from fedmer import records as rk
 from fedmer import registry
 from fedmer.config import ExperimentConfig
 from fedmer.federation.grid import short_reason
-from fedmer.federation.guard import check_aggregate, check_reply
+from fedmer.federation.guard import as_arrays, check_aggregate, check_reply
 from fedmer.privacy.client_level import wrap_client_level_dp
 from fedmer.privacy.ledger import BUDGET_MARKER
 from fedmer.privacy.server_optimizer import noised_server_optimizer
@@ -142,7 +142,8 @@ class AccountedStrategy(fs.Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = _ordered(replies)
         report = self.rounds.setdefault(server_round, RoundReport(server_round))
-        reference = self._sent[1] if self._sent and self._sent[0] == server_round else None
+        sent = self._sent[1] if self._sent and self._sent[0] == server_round else None
+        reference = as_arrays(sent) if sent is not None else None  # once a round, not per reply
         weight_key = getattr(self.inner, "weighted_by_key", rk.NUM_EXAMPLES)
         accepted = []
         for msg in replies:
