@@ -8,6 +8,8 @@ fedmer report SWEEP_DIR [--out DIR]   tidy CSVs + Markdown report with plots for
 fedmer missing RUN_DIR                the global model with modalities missing at test time
 fedmer explain RUN_DIR [--n N]        per-prediction modality contributions (weights, ablation)
 fedmer personalize RUN_DIR            per-client DP fine-tune of the fusion head, ledger-accounted
+fedmer export MODEL [--int8]          ONNX (+ int8, TorchScript) of a model bundle, checked against PyTorch
+fedmer predict MODEL AUDIO [--stream] a recording's emotion, modality contributions and latency
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ _COMMANDS = {
     "missing": "missing modalities at test time: fedmer missing RUN_DIR [--rates R ...] [--draws K]",
     "explain": "modality contributions of predictions: fedmer explain RUN_DIR [--index I ...|--n N]",
     "personalize": "per-client head fine-tune with DP: fedmer personalize RUN_DIR [--epochs E] [--no-dp]",
+    "export": "ONNX (+int8, TorchScript) of a model bundle: fedmer export MODEL [--out DIR] [--int8]",
+    "predict": "emotion of a recording: fedmer predict MODEL AUDIO... [--face CSV] [--onnx F] [--stream]",
 }
 
 
@@ -204,6 +208,97 @@ def _audit(argv: list[str]) -> int:
     return 0
 
 
+def _edge_error(prog: str, err: Exception) -> int:
+    print(f"{prog}: {err}", file=sys.stderr)
+    return 2
+
+
+def _predict(argv: list[str]) -> int:
+    """``fedmer predict``: a recording's emotion, modality contributions and latency; or a stream."""
+    parser = argparse.ArgumentParser(
+        prog="fedmer predict", description="Classify a recording with a model bundle"
+    )
+    parser.add_argument(
+        "model", type=Path, help="a model bundle (model_bundle.pt) or a run folder holding one"
+    )
+    parser.add_argument(
+        "audio", type=Path, nargs="+", help="16 kHz mono audio; several = one stream, in order"
+    )
+    parser.add_argument(
+        "--face", type=Path, default=None, help="RAVDESS-style face_features.csv (its row for the clip)"
+    )
+    parser.add_argument(
+        "--onnx", type=Path, default=None, help="run this exported .onnx (float or int8), not PyTorch"
+    )
+    parser.add_argument("--stream", action="store_true", help="slide a window over the (concatenated) audio")
+    parser.add_argument("--window", type=float, default=3.0, help="stream window, seconds")
+    parser.add_argument("--hop", type=float, default=1.0, help="stream hop, seconds")
+    parser.add_argument("--gap", type=float, default=0.0, help="silence between concatenated files, seconds")
+    parser.add_argument("--out", type=Path, default=Path("predict_stream"), help="stream: CSV + PNG folder")
+    parser.add_argument("--repeats", type=int, default=20, help="runs per latency median (one clip)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from fedmer.edge import predict as ep
+    from fedmer.edge.bundle import open_bundle
+    from fedmer.edge.recording import concat_recordings, read_face_row
+
+    torch.set_num_threads(1)  # an edge core; also what the latency figures mean
+    try:
+        bundle = open_bundle(args.model)
+        if len(args.audio) > 1 and not args.stream:
+            raise ValueError("several audio files are one stream: add --stream")
+        recording = concat_recordings(args.audio, args.gap)
+        face = None if args.face is None else read_face_row(bundle.meta, args.face, args.audio[0])
+        logits_fn, backend = ep.torch_logits(bundle), "torch, 1 thread"
+        if args.onnx is not None:
+            from fedmer.edge.export import OnnxModel
+
+            if not args.onnx.is_file():
+                raise ValueError(f"no ONNX file at {args.onnx}")
+            logits_fn, backend = OnnxModel(args.onnx).logits, f"onnxruntime {args.onnx.name}, 1 thread"
+        if not args.stream:
+            print(ep.format_clip(ep.predict_clip(bundle, recording, face, logits_fn, args.repeats), backend))
+            return 0
+        windows = ep.predict_stream(bundle, recording, args.window, args.hop, face, logits_fn)
+    except (ValueError, OSError) as err:  # BundleError and RecordingError are ValueErrors
+        return _edge_error("fedmer predict", err)
+    for w in windows:
+        print(ep.format_window(w))
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = bundle.meta.class_names
+    csv_path = ep.write_stream_csv(windows, names, args.out / "stream.csv")
+    png_path = ep.plot_timeline(windows, recording, names, args.out / "stream.png")
+    median = sorted(w.features_ms + w.model_ms for w in windows)[len(windows) // 2]
+    print(f"{len(windows)} windows, median {median:.2f} ms each; wrote {csv_path}, {png_path}")
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    """``fedmer export``: ONNX (+ int8, + TorchScript) of a bundle, checked against PyTorch."""
+    parser = argparse.ArgumentParser(
+        prog="fedmer export", description="Export a model bundle for edge inference"
+    )
+    parser.add_argument(
+        "model", type=Path, help="a model bundle (model_bundle.pt) or a run folder holding one"
+    )
+    parser.add_argument("--out", type=Path, default=Path("edge_export"), help="output folder")
+    parser.add_argument("--int8", action="store_true", help="also write a dynamically int8-quantised ONNX")
+    parser.add_argument("--torchscript", action="store_true", help="also write a traced TorchScript model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from fedmer.edge.bundle import open_bundle
+    from fedmer.edge.export import export_model
+
+    try:
+        report = export_model(open_bundle(args.model), args.out, int8=args.int8, torchscript=args.torchscript)
+    except (ValueError, OSError) as err:
+        return _edge_error("fedmer export", err)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _plugin(command: str) -> Callable[[list[str]], int] | None:
     """A command registered by an app under :data:`COMMAND_GROUP` (``run``), if installed."""
     for ep in entry_points(group=COMMAND_GROUP):
@@ -220,6 +315,8 @@ _HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "missing": _missing,
     "explain": _explain,
     "personalize": _personalize,
+    "export": _export,
+    "predict": _predict,
 }
 
 

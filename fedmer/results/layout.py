@@ -12,6 +12,7 @@ from pathlib import Path
 __all__ = [
     "AUDIT_JSON",
     "AUDIT_PNG",
+    "BUNDLE",
     "CHECKPOINT",
     "CONFIG_JSON",
     "FEATURE_STATS_JSON",
@@ -34,6 +35,9 @@ ROUNDS_CSV = "rounds.csv"
 SUMMARY_JSON = "summary.json"
 CONFIG_JSON = "config.json"
 CHECKPOINT = "model.pt"
+#: The final global model with its input layout, front-ends, class names and privacy statement
+#: (fedmer.edge.bundle): loads with no data.
+BUNDLE = "model_bundle.pt"
 LEARNING_CURVE_PNG = "learning_curve.png"
 FEATURE_STATS_JSON = "feature_stats.json"
 AUDIT_JSON = "audit.json"

@@ -25,8 +25,9 @@ from torch import nn
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import DatasetSplit
 from fedmer.data.registry import load_split
+from fedmer.edge.bundle import BundleError, load_bundle
 from fedmer.models import build_model_for
-from fedmer.results.layout import CHECKPOINT, CONFIG_JSON, LEDGER_DIR, SUMMARY_JSON, ledger_file
+from fedmer.results.layout import BUNDLE, CHECKPOINT, CONFIG_JSON, LEDGER_DIR, SUMMARY_JSON, ledger_file
 
 __all__ = ["RunArtifacts", "RunError", "load_run", "load_run_model"]
 
@@ -102,7 +103,16 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
 
 
 def load_run_model(run: RunArtifacts) -> nn.Module:
-    """The run's final global model as a plain module in eval mode (architecture from its config)."""
+    """The run's final global model as a plain module in eval mode.
+
+    From the run's self-contained bundle when it has one (no data needed); otherwise the
+    architecture is rebuilt from the config and the data's layout (runs written before bundles).
+    """
+    if (run.run_dir / BUNDLE).is_file():
+        try:
+            return load_bundle(run.run_dir / BUNDLE).model
+        except BundleError as err:
+            raise RunError(str(err)) from None
     test = run.split().test
     model = build_model_for(run.cfg, test)
     try:

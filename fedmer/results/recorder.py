@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from fedmer.config import ExperimentConfig
+from fedmer.edge.bundle import write_run_bundle
 from fedmer.privacy.statement import privacy_statement
 from fedmer.results.layout import (
+    BUNDLE,
     CHECKPOINT,
     CONFIG_JSON,
     LEARNING_CURVE_PNG,
@@ -129,6 +131,7 @@ class RunRecorder:
         """Write the checkpoint and summary; return the summary."""
         torch.save(state_dict, self.out_dir / CHECKPOINT)
         final = self.rows[-1] if self.rows else {}
+        bundle = write_run_bundle(self.out_dir / BUNDLE, self.cfg, state_dict, final)
         summary = {
             "final": final,
             "best_uar": max((r["uar"] for r in self.rows), default=None),
@@ -139,6 +142,7 @@ class RunRecorder:
                 "rounds_jsonl": ROUNDS_JSONL,
                 "checkpoint": CHECKPOINT,
                 "learning_curve": LEARNING_CURVE_PNG,
+                **({"bundle": BUNDLE} if bundle else {}),
             },
             **extra,
         }
