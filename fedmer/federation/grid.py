@@ -19,7 +19,7 @@ from flwr.supercore.run import Run
 
 from fedmer import records as rk
 
-__all__ = ["PartitionOrderedGrid", "short_reason"]
+__all__ = ["PartitionOrderedGrid", "SharedPartitionError", "short_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class PartitionOrderedGrid(Grid):
         if unknown:
             self._ask_partitions(unknown)
         known = [n for n in nodes if n in self.partition_of]
+        _refuse_shared_partitions({n: self.partition_of[n] for n in known})
         return sorted(known, key=lambda n: (self.partition_of[n], n))
 
     def _ask_partitions(self, nodes: list[int]) -> None:
@@ -79,13 +80,27 @@ class PartitionOrderedGrid(Grid):
                 text = reply.error.reason or f"error code {reply.error.code} without a reason"
                 errors.append(f"node {node}: {short_reason(text)}")
                 continue
-            pid = int(rk.scalar(reply.content[rk.METRICS], rk.PARTITION_ID))
-            clash = [n for n, p in self.partition_of.items() if p == pid]
-            if clash:
-                log.warning("nodes %s and %d both claim partition %d", clash, node, pid)
-            self.partition_of[node] = pid
+            self.partition_of[node] = int(rk.scalar(reply.content[rk.METRICS], rk.PARTITION_ID))
         if errors:
             raise RuntimeError(f"{len(errors)} node(s) could not start: " + "; ".join(sorted(set(errors))))
+
+
+class SharedPartitionError(RuntimeError):
+    """Two connected nodes claim the same partition id: one site would train twice, another never."""
+
+
+def _refuse_shared_partitions(partition_of: dict[int, int]) -> None:
+    by_pid: dict[int, list[int]] = {}
+    for node, pid in partition_of.items():
+        by_pid.setdefault(pid, []).append(node)
+    clashes = {pid: nodes for pid, nodes in by_pid.items() if len(nodes) > 1}
+    if clashes:
+        text = "; ".join(
+            f"partition-id={pid} claimed by nodes {sorted(ns)}" for pid, ns in sorted(clashes.items())
+        )
+        raise SharedPartitionError(
+            f"{text}: every SuperNode needs its own partition-id (0..num-partitions-1) in --node-config"
+        )
 
 
 def short_reason(reason: str) -> str:

@@ -18,10 +18,26 @@ from flwr.serverapp import Grid
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.registry import load_client_dataset
+from fedmer.data.site_file import load_site_file
 from fedmer.privacy.budget import NodePrivacy, ledger_path
 from fedmer.results.layout import LEDGER_DIR, ledger_file, run_dir
 
-__all__ = ["Node", "experiment_of", "node_of", "node_privacy", "partition_of", "wait_for_nodes"]
+__all__ = [
+    "DATA_FILE_KEY",
+    "SITE_KEY",
+    "Node",
+    "experiment_of",
+    "node_data",
+    "node_of",
+    "node_privacy",
+    "partition_of",
+    "wait_for_nodes",
+]
+
+#: node_config key of a deployed site's own data file (see :mod:`fedmer.data.site_file`).
+DATA_FILE_KEY = "data-file"
+#: node_config key of the site's human-readable name (car-1, hospital-2): logs and its ledger.
+SITE_KEY = "site"
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,18 +82,31 @@ class Node:
     data: MultimodalDataset
 
 
+@functools.lru_cache(maxsize=4)
+def _site_file(path: str) -> MultimodalDataset:
+    return load_site_file(path)
+
+
+def node_data(context: Context, cfg: ExperimentConfig, pid: int) -> MultimodalDataset:
+    """A deployed site's own file (``data-file`` in its node config), else partition ``pid`` of the run."""
+    if DATA_FILE_KEY in context.node_config:
+        return _site_file(str(context.node_config[DATA_FILE_KEY]))
+    return load_client_dataset(cfg, pid)
+
+
 def node_of(context: Context) -> Node:
     """Config, partition id and local data of this node (all cached per process)."""
     torch.set_num_threads(1)  # one Ray CPU per client: no oversubscription, reproducible sums
     cfg = experiment_of(context)
     pid = partition_of(context, cfg)
-    return Node(cfg, pid, load_client_dataset(cfg, pid))
+    return Node(cfg, pid, node_data(context, cfg, pid))
 
 
 def node_privacy(context: Context, cfg: ExperimentConfig, pid: int) -> NodePrivacy:
     """The node's privacy state; its ledger is its own file, or ``<run folder>/ledgers/`` in simulation."""
     default = ledger_file(run_dir(cfg.output_dir, context.run_id) / LEDGER_DIR, pid)
-    return NodePrivacy(context, cfg, pid, ledger_path(context.node_config, default))
+    name = str(context.node_config[SITE_KEY]) if SITE_KEY in context.node_config else None
+    return NodePrivacy(context, cfg, pid, ledger_path(context.node_config, default), name=name)
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
