@@ -145,7 +145,7 @@ def main() -> None:
     print(f"int8 agrees with float on {agree:.4f} of held-out clips; accuracy lost {lost:+.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}; the bundle and its exports are in {tmp}")
 
 
 if __name__ == "__main__":
