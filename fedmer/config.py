@@ -345,6 +345,8 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     seed: int = 0
     output_dir: str = "outputs/flwr/{run_id}"
+    #: An unfinished run folder to continue from its last checkpoint ("" starts a new run).
+    resume: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -392,7 +394,11 @@ class ExperimentConfig:
     # -- flat Flower run_config ------------------------------------------------------
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flatten to Flower's scalar ``run_config`` with dotted keys."""
-        flat: dict[str, bool | int | float | str] = {"seed": self.seed, "output.dir": self.output_dir}
+        flat: dict[str, bool | int | float | str] = {
+            "seed": self.seed,
+            "output.dir": self.output_dir,
+            "resume": self.resume,
+        }
         for name in _SECTIONS:
             for key, value in asdict(getattr(self, name)).items():
                 flat[f"{name}.{key}"] = AUTO if value is None else value
@@ -406,7 +412,7 @@ class ExperimentConfig:
         always fuses the pyproject defaults in, so a missing key means the app was
         started without its config, and silently using defaults would hide that.
         """
-        known = {"seed", "output.dir"} | {
+        known = {"seed", "output.dir", "resume"} | {
             f"{name}.{f.name}" for name, section in _SECTIONS.items() for f in fields(section)
         }
         missing = sorted(known - set(run_config))
@@ -433,6 +439,8 @@ class ExperimentConfig:
             extra["seed"] = _coerce("seed", run_config["seed"], "int")
         if "output.dir" in run_config:
             extra["output_dir"] = str(run_config["output.dir"])
+        if "resume" in run_config:
+            extra["resume"] = str(run_config["resume"])
         return cls(**sections, **extra)
 
     @classmethod

@@ -18,6 +18,7 @@ __all__ = [
     "EPSILON_LIFETIME",
     "EVAL_ACCURACY",
     "EVAL_LOSS",
+    "LEDGER_RUN",
     "LOCAL_EPOCHS",
     "LR",
     "METRICS",
@@ -67,6 +68,7 @@ SERVER_ROUND = "server-round"  # injected by every Flower strategy
 PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
 LR = "lr"
 LOCAL_EPOCHS = "local-epochs"
+LEDGER_RUN = "fedmer.ledger-run"  # the run a node's ledger charges (a resumed run's original run id)
 
 # Feature-statistics query (data.standardize=federated), sent before round 1
 QUERY = "fedmer.query"  # ConfigRecord key naming what a QUERY message asks for

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,11 +21,19 @@ from fedmer import records as rk
 from fedmer.config import ExperimentConfig
 from fedmer.data.registry import check_partitions, load_split
 from fedmer.federation.grid import PartitionOrderedGrid
+from fedmer.federation.resume import restore_rng, restore_server, round_checkpoint
 from fedmer.federation.statistics import standardize_model
 from fedmer.federation.strategies import build_strategy
 from fedmer.models import build_model_for
 from fedmer.privacy.client_level import client_level_epsilon
 from fedmer.privacy.run_noise import local_recipes
+from fedmer.results.checkpoint import (
+    ContinuedRecorder,
+    ResumeError,
+    RoundCheckpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+)
 from fedmer.results.figures import plot_learning_curve
 from fedmer.results.layout import LEARNING_CURVE_PNG, run_dir
 from fedmer.results.progress import RoundProgress
@@ -45,6 +54,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     split = load_split(cfg)
     sizes = check_partitions(cfg)
     out_dir = run_dir(cfg.output_dir, run_id)
+    resume = _resume_point(cfg, out_dir)
+    run_tag = resume.run_id if resume else run_id  # a resumed run charges the ledgers as the same run
     log.info(
         "FedMER run: %d clients (%d-%d samples), %d held-out persons; results in %s",
         len(sizes), min(sizes), max(sizes), len(set(split.test.person.tolist())), out_dir,
@@ -52,30 +63,52 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
 
     model = build_model_for(cfg, split.test)
     strategy = build_strategy(cfg)
-    recorder = RunRecorder(out_dir, cfg)
     ordered = PartitionOrderedGrid(grid)
-    stats_extra = standardize_model(ordered, cfg, model, out_dir) if model.standardizer is not None else {}
+    recorder: RunRecorder
+    if resume is None:
+        recorder = RunRecorder(out_dir, cfg)
+        stats_extra: dict[str, Any] = {}
+        if model.standardizer is not None:
+            stats_extra = standardize_model(ordered, cfg, model, out_dir)
+    else:  # the statistics release happened before the first checkpoint: never released twice
+        recorder = ContinuedRecorder(out_dir, cfg, last_round=resume.server_round)
+        stats_extra = restore_server(resume, model, strategy)
+        restore_rng(resume.rng)  # last: the next client sample is the one the killed run would have drawn
+    offset = strategy.round_offset
+    base = resume or RoundCheckpoint(0, cfg.to_run_config(), run_id, {}, extra=stats_extra)
     progress = RoundProgress(cfg.federation.num_rounds)
-    t0 = time.monotonic()
+    t0 = time.monotonic() - (resume.elapsed_s if resume else 0.0)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Score the global model on the held-out persons; record the round."""
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Score the global model on the held-out persons; record the round; checkpoint the run."""
+        server_round += offset
+        if resume is not None and server_round == offset:
+            return None  # the checkpoint's own round: recorded before the run was stopped
         model.load_state_dict(arrays.to_torch_state_dict())
         report = evaluate_model(model, split.test)
         # Flower's client-level accountant (fixed clipping only; None when not accounted)
         client_eps = client_level_epsilon(strategy.inner) if cfg.privacy.client_level else None
         rr = strategy.rounds.get(server_round)
         row, detail = round_row(server_round, report, rr, cfg, time.monotonic() - t0, client_eps)
-        recorder.record(row, detail)
+        recorder.record(row, detail)  # before the checkpoint: a resume cuts rows past its round
+        elapsed = time.monotonic() - t0
+        save_checkpoint(
+            out_dir,
+            round_checkpoint(base, row, detail, model, strategy, extra=stats_extra, elapsed_s=elapsed),
+        )
         progress.update(row, cfg.privacy.delta)
         return MetricRecord({k: float(row[k]) for k in ("accuracy", "macro_f1", "uar", "loss")})
 
-    train_config = ConfigRecord({rk.LR: cfg.federation.lr, rk.LOCAL_EPOCHS: cfg.federation.local_epochs})
+    train_config = ConfigRecord(
+        {rk.LR: cfg.federation.lr, rk.LOCAL_EPOCHS: cfg.federation.local_epochs, rk.LEDGER_RUN: str(run_tag)}
+    )
+    if resume is not None:
+        log.info("resuming %s after round %d of %d", out_dir, offset, cfg.federation.num_rounds)
     with progress:
         result = strategy.start(
             grid=ordered,
             initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg.federation.num_rounds,
+            num_rounds=cfg.federation.num_rounds - offset,
             train_config=train_config,
             evaluate_fn=evaluate_fn,
         )
@@ -108,6 +141,19 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
         raise RuntimeError(f"FedMER run failed: {failure}; files in {out_dir}")
     log.info("FedMER finished: final held-out UAR %.4f; files in %s", summary["final"].get("uar"), out_dir)
     return summary
+
+
+def _resume_point(cfg: ExperimentConfig, out_dir: Path) -> RoundCheckpoint | None:
+    """The checkpoint to continue (``resume=``), checked against this config; None for a new run."""
+    if not cfg.resume:
+        return None
+    if Path(cfg.resume).expanduser().resolve() != out_dir:
+        raise ResumeError(
+            f"invalid resume={cfg.resume!r} with output.dir={cfg.output_dir!r}: a resumed run writes "
+            "into the folder it continues (where its clients' ledgers are); set output.dir to it too "
+            "(fedmer run does)"
+        )
+    return resumable_checkpoint(out_dir, cfg)
 
 
 @app.main()

@@ -25,7 +25,7 @@ from flwr.supercore.telemetry import EventType
 
 from fedmer.config import ExperimentConfig
 
-__all__ = ["PROJECT_ROOT", "backend_config", "simulate"]
+__all__ = ["PROJECT_ROOT", "backend_config", "new_run_id", "simulate"]
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,19 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: ExperimentConfig, *, verbose: bool = False) -> int:
+def new_run_id() -> int:
+    """A fresh Flower run id (what fills ``{run_id}`` in ``output.dir``)."""
+    return int.from_bytes(secrets.token_bytes(8), "little") >> 1
+
+
+def simulate(cfg: ExperimentConfig, *, verbose: bool = False, run_id: int | None = None) -> int:
     """Run ``cfg`` to completion; return Flower's run id (results land in ``output.dir`` with it)."""
     # Imported here so that `fedmer` stays importable without the app packages.
     from client.app import app as client_app
     from server.app import app as server_app
 
     run_config = cfg.to_run_config()
-    run_id = int.from_bytes(secrets.token_bytes(8), "little") >> 1
+    run_id = new_run_id() if run_id is None else run_id
     run = Run.create_empty(run_id=run_id)
     run.override_config = dict(run_config)
     run.federation_id = NOOP_FEDERATION_ID

@@ -5,14 +5,22 @@
     fedmer run model=concat
 
 Each run writes rounds.jsonl / rounds.csv / summary.json / model.pt /
-learning_curve.png into its Hydra output folder.
+learning_curve.png into its Hydra output folder, and checkpoint.pt after every round:
+
+    fedmer run <the same overrides> resume=outputs/2025-01-01/12-00-00
+
+continues a killed or interrupted run in its own folder. Ctrl-C stops a run within seconds
+(exit 130), stops Ray, and prints that command.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -20,19 +28,44 @@ from omegaconf import DictConfig
 
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.registry import check_partitions
-from fedmer.results.layout import SUMMARY_JSON, run_dir
+from fedmer.results.checkpoint import resumable_checkpoint
+from fedmer.results.layout import RESUME_CHECKPOINT, SUMMARY_JSON, run_dir
 from simulations.compose import CONFIG_DIR, experiment_from_hydra
-from simulations.launch import simulate
+from simulations.launch import new_run_id, simulate
 
-__all__ = ["CONFIG_DIR", "cli", "experiment_from_hydra", "main", "run"]
+__all__ = ["CONFIG_DIR", "Interrupted", "cli", "experiment_from_hydra", "main", "run"]
 
 log = logging.getLogger("fedmer")
 
+#: Exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
+
+
+class Interrupted(Exception):  # noqa: N818 - names the event, like KeyboardInterrupt
+    """Ctrl-C during a run; ``folder`` is its run folder (resumable once a round finished)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(f"run in {folder} interrupted")
+        self.folder = folder
+
 
 def run(exp: ExperimentConfig) -> dict[str, Any]:
-    """Check partitions, run the simulation, return the run's summary (plus ``run_dir``, its folder)."""
+    """Check partitions, run the simulation, return the run's summary (plus ``run_dir``, its folder).
+
+    With ``resume=<folder>`` the folder is checked (finished, no checkpoint, another config:
+    refused) before Ray starts, and the run continues there.
+    """
     check_partitions(exp)  # fails before Ray starts if a client would be empty
-    run_id = simulate(exp)
+    if exp.resume:
+        folder = Path(exp.resume).expanduser().resolve()
+        ckpt = resumable_checkpoint(folder, exp)
+        log.info("resuming %s from its checkpoint after round %d", folder, ckpt.server_round)
+        exp = replace(exp, output_dir=str(folder))
+    run_id = new_run_id()
+    try:
+        simulate(exp, run_id=run_id)
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir(exp.output_dir, run_id)) from None
     summary_path = run_dir(exp.output_dir, run_id) / SUMMARY_JSON
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
@@ -55,6 +88,8 @@ def main(cfg: DictConfig) -> float:
     except RuntimeError as err:  # a failed run never exits 0 (its files stay for a post-mortem)
         log.error("%s", err)
         sys.exit(1)
+    except Interrupted as stop:
+        _exit_interrupted(stop.folder)
     final = summary["final"]
     log.info(
         "final held-out UAR %.4f (accuracy %.4f, macro-F1 %.4f); max client epsilon %s at delta %s (%s)",
@@ -67,6 +102,25 @@ def main(cfg: DictConfig) -> float:
     )
     log.info("results: %s", summary["run_dir"])
     return float(final["uar"])
+
+
+def _exit_interrupted(folder: Path) -> None:
+    """Stop Ray, say how to resume, and leave now: the ServerApp thread may be mid-round."""
+    try:
+        import ray
+
+        ray.shutdown()  # the raylet, GCS and workers this process started
+    except Exception as err:
+        log.warning("could not stop Ray cleanly: %s", err)
+    if (folder / RESUME_CHECKPOINT).exists():
+        args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
+        log.error("interrupted; to resume: fedmer run %s resume=%s", " ".join(args), folder)
+    else:
+        log.error("interrupted before the first round finished; nothing to resume in %s", folder)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)  # not sys.exit: Flower's non-daemon ServerApp thread would block it
 
 
 def cli(argv: list[str]) -> int:

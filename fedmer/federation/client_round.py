@@ -66,6 +66,8 @@ def train_round(
         epochs = int(rk.scalar(config, rk.LOCAL_EPOCHS, cfg.federation.local_epochs))
     dp, noise, lifetime = None, 0.0, math.inf
     privacy = node_privacy(context, cfg, node.pid)
+    if rk.LEDGER_RUN in config:  # a resumed run charges, and accounts, the run it continues
+        privacy.run_tag = str(config[rk.LEDGER_RUN])
     if p.sample_level:
         noise = recipe.noise_multiplier
         rate, steps = planned_steps(len(node.data), batch, epochs, 1)

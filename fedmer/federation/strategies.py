@@ -125,6 +125,9 @@ class AccountedStrategy(fs.Strategy):
         self.update_bound = update_bound
         self.rounds: dict[int, RoundReport] = {}
         self._sent: tuple[int, ArrayRecord] | None = None  # (round, global arrays sent)
+        #: Rounds done before this process started (a resumed run): Flower's ``start`` counts
+        #: from 1 again, so every round it names is shifted by this to the run's own round.
+        self.round_offset = 0
 
     def summary(self) -> None:
         self.inner.summary()
@@ -132,6 +135,7 @@ class AccountedStrategy(fs.Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.rounds[server_round] = RoundReport(server_round, sampled=len(messages))
         self._sent = (server_round, arrays)
@@ -140,6 +144,7 @@ class AccountedStrategy(fs.Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = _ordered(replies)
         report = self.rounds.setdefault(server_round, RoundReport(server_round))
         sent = self._sent[1] if self._sent and self._sent[0] == server_round else None
@@ -191,10 +196,10 @@ class AccountedStrategy(fs.Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, _ordered(replies))
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, _ordered(replies))
 
 
 def _ordered(replies: Iterable[Message]) -> list[Message]:

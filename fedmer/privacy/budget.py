@@ -16,7 +16,7 @@ server cannot move it; in simulation the caller passes a default under the run f
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from flwr.app import ConfigRecord, Context
 from fedmer import records as rk
 from fedmer.config import ExperimentConfig
 from fedmer.privacy.engine import HistoryEntry, PrivacyHistory, compute_epsilon
-from fedmer.privacy.ledger import load_ledger
+from fedmer.privacy.ledger import LedgerEntry, load_ledger
 
 __all__ = ["LEDGER_PATH_KEY", "NodePrivacy", "ledger_path"]
 
@@ -45,11 +45,21 @@ def ledger_path(node_config: Mapping[str, Any], default: Path) -> Path:
 class NodePrivacy:
     """One node's spend in this run (``Context.state``) and over its lifetime (its ledger)."""
 
-    def __init__(self, context: Context, cfg: ExperimentConfig, partition_id: int, ledger: Path) -> None:
+    def __init__(
+        self,
+        context: Context,
+        cfg: ExperimentConfig,
+        partition_id: int,
+        ledger: Path,
+        run_tag: str | None = None,
+    ) -> None:
         self.context = context
         self.privacy = cfg.privacy
         self.partition_id = partition_id
         self.ledger = ledger
+        #: What the ledger tags this run's entries with: Flower's run id, or the id of the run a
+        #: resumed run continues (a resume gets a new Flower run id but is the same run).
+        self.run_tag = run_tag or str(context.run_id)
 
     @property
     def history(self) -> PrivacyHistory:
@@ -72,8 +82,10 @@ class NodePrivacy:
             delta=p.delta,
             cap=p.budget_cap,
         )
+        if rk.PRIVACY_STATE not in self.context.state:
+            self._resume_history(ledger.entries)
         after = ledger.check_budget([planned])
-        ledger = ledger.record([planned], run_id=self.context.run_id, server_round=server_round)
+        ledger = ledger.record([planned], run_id=self.run_tag, server_round=server_round)
         log.info(
             "client %d: ledger %s now at epsilon %.3f (delta %g, cap %g)",
             self.partition_id,
@@ -83,6 +95,24 @@ class NodePrivacy:
             p.budget_cap,
         )
         return after
+
+    def _resume_history(self, entries: Iterable[LedgerEntry]) -> None:
+        """A fresh ``Context.state`` in a run the ledger already charged: the run was resumed.
+
+        Its accountant history is then every ledger entry tagged with this run, the spend of
+        a round whose result was lost included (it was charged before anything could leave the
+        node), so epsilon goes on from what was truly spent, neither reset nor counted twice.
+        """
+        spent = [(e.noise, e.rate, e.steps) for e in entries if e.run_id == self.run_tag]
+        if spent:
+            self.commit(PrivacyHistory(tuple(spent)))
+            log.info(
+                "client %d: run %s resumed; %d ledger entries already spent in it (epsilon %.3f)",
+                self.partition_id,
+                self.run_tag,
+                len(spent),
+                self.epsilon(),
+            )
 
     def commit(self, history: PrivacyHistory) -> None:
         """Store this run's history after a release (the accountant resumes from it next time)."""

@@ -18,6 +18,7 @@ __all__ = [
     "FEATURE_STATS_JSON",
     "LEARNING_CURVE_PNG",
     "LEDGER_DIR",
+    "RESUME_CHECKPOINT",
     "ROUNDS_CSV",
     "ROUNDS_JSONL",
     "RUN_ID",
@@ -35,6 +36,8 @@ ROUNDS_CSV = "rounds.csv"
 SUMMARY_JSON = "summary.json"
 CONFIG_JSON = "config.json"
 CHECKPOINT = "model.pt"
+#: Written atomically after every round: what ``resume=<run folder>`` continues from.
+RESUME_CHECKPOINT = "checkpoint.pt"
 #: The final global model with its input layout, front-ends, class names and privacy statement
 #: (fedmer.edge.bundle): loads with no data.
 BUNDLE = "model_bundle.pt"

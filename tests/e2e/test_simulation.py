@@ -12,27 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.e2e.conftest import run_cli as _run_cli  # the quick_run fixture is shared from there
 
 pytestmark = pytest.mark.e2e
-
-QUICK = ["federation=quick", "data.persons_per_site=2", "data.sequences_per_person=20"]
-
-
-def _run_cli(out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "simulations.run", *QUICK, *overrides, f"hydra.run.dir={out}"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("quick")
-    proc = _run_cli(out, "seed=7")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return out
 
 
 def test_result_files_are_written(quick_run: Path) -> None:
