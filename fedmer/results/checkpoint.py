@@ -212,4 +212,6 @@ class ContinuedRecorder(RunRecorder):
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         claim_run_folder(self.out_dir)
+        for stale in self.out_dir.glob(f".{RESUME_CHECKPOINT}.*.tmp"):  # a write the kill cut short
+            stale.unlink(missing_ok=True)
         self.rows = continue_rounds(self.out_dir, self.last_round)

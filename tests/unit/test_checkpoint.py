@@ -27,6 +27,7 @@ from fedmer.privacy.engine import PrivacyHistory, compute_epsilon
 from fedmer.privacy.ledger import load_ledger, read_ledger
 from fedmer.results import checkpoint as ck
 from fedmer.results.checkpoint import (
+    ContinuedRecorder,
     ResumeError,
     RoundCheckpoint,
     continue_rounds,
@@ -157,7 +158,10 @@ def test_rows_past_the_checkpoint_are_cut_and_none_repeated(tmp_path: Path) -> N
     for r in range(3):
         row = {c: None for c in CSV_COLUMNS} | {"round": r, "uar": 0.1 * r, "epsilon_max": math.inf}
         rec.record(row, {"confusion": [[r]]})
-    rows = continue_rounds(tmp_path, 1)
+    (tmp_path / "run.lock").write_text("999999999")  # the killed run's lock: taken over
+    (tmp_path / ".checkpoint.pt.x1.tmp").write_bytes(b"cut short")
+    rows = ContinuedRecorder(tmp_path, rec.cfg, last_round=1).rows
+    assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["epsilon_max"] == math.inf
     assert [json.loads(x)["round"] for x in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [0, 1]
     assert [x.split(",")[0] for x in (tmp_path / "rounds.csv").read_text().splitlines()] == [
