@@ -84,7 +84,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
         server_round += offset
         if resume is not None and server_round == offset:
             return None  # the checkpoint's own round: recorded before the run was stopped
-        model.load_state_dict(arrays.to_torch_state_dict())
+        state = arrays.to_torch_state_dict()  # as sent: FedAdam's arrays may be float64
+        model.load_state_dict(state)
         report = evaluate_model(model, split.test)
         # Flower's client-level accountant (fixed clipping only; None when not accounted)
         client_eps = client_level_epsilon(strategy.inner) if cfg.privacy.client_level else None
@@ -94,7 +95,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
         elapsed = time.monotonic() - t0
         save_checkpoint(
             out_dir,
-            round_checkpoint(base, row, detail, model, strategy, extra=stats_extra, elapsed_s=elapsed),
+            round_checkpoint(base, row, detail, state, strategy, extra=stats_extra, elapsed_s=elapsed),
         )
         progress.update(row, cfg.privacy.delta)
         return MetricRecord({k: float(row[k]) for k in ("accuracy", "macro_f1", "uar", "loss")})
@@ -107,7 +108,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     with progress:
         result = strategy.start(
             grid=ordered,
-            initial_arrays=ArrayRecord(model.state_dict()),
+            initial_arrays=ArrayRecord(dict(resume.model) if resume else model.state_dict()),
             num_rounds=cfg.federation.num_rounds - offset,
             train_config=train_config,
             evaluate_fn=evaluate_fn,

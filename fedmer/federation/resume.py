@@ -172,11 +172,14 @@ def round_checkpoint(
     base: RoundCheckpoint,
     row: dict[str, Any],
     detail: dict[str, Any],
-    model: torch.nn.Module,
+    arrays: dict[str, torch.Tensor],
     strategy: AccountedStrategy,
     **fields: Any,
 ) -> RoundCheckpoint:
     """The checkpoint after the round of ``row``: ``base`` (config, run id) plus the live state.
+
+    ``arrays`` is the global model exactly as the strategy holds it (dtype included: FedAdam's
+    step returns float64 arrays, and a resumed run must send what the killed one would have).
 
     ``fields`` sets the rest (``extra``, ``elapsed_s``).
     """
@@ -185,7 +188,7 @@ def round_checkpoint(
     return replace(
         base,
         server_round=int(row["round"]),
-        model=model.state_dict(),
+        model=arrays,
         strategy=strategy_state(strategy),
         rng=capture_rng(),
         rounds=reports_to_dicts(list(strategy.rounds.values())),
