@@ -37,6 +37,7 @@ _COMMANDS = {
     "explain": "modality contributions of predictions: fedmer explain RUN_DIR [--index I ...|--n N]",
     "personalize": "per-client head fine-tune with DP: fedmer personalize RUN_DIR [--epochs E] [--no-dp]",
     "export": "ONNX (+int8, TorchScript) of a model bundle: fedmer export MODEL [--out DIR] [--int8]",
+    "deploy": "a secured federation: fedmer deploy {keys,superlink,register,supernode,submit,demo} ...",
     "predict": "emotion of a recording: fedmer predict MODEL AUDIO... [--face CSV] [--onnx F] [--stream]",
 }
 
@@ -308,6 +309,12 @@ def _plugin(command: str) -> Callable[[list[str]], int] | None:
     return None
 
 
+def _deploy(argv: list[str]) -> int:
+    from fedmer.deployment.cli import main as deploy_main
+
+    return deploy_main(argv)
+
+
 _HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "privacy": _privacy,
     "report": _report,
@@ -317,6 +324,7 @@ _HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "personalize": _personalize,
     "export": _export,
     "predict": _predict,
+    "deploy": _deploy,
 }
 
 

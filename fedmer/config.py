@@ -304,9 +304,25 @@ class FederationConfig:
     lr: float = 0.1
     client_cpus: float = 1.0
     max_failed_fraction: float = 0.5  # a run whose share of failed or rejected trainings exceeds this fails
+    #: Nodes that must be connected before a round samples (0: all ``num_clients``). A deployment
+    #: sets it below ``num_clients`` so a dead node does not stall every later round.
+    min_available_clients: int = 0
+    #: Seconds a round waits for replies; a node that has not answered by then counts as failed.
+    round_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
         _positive("federation.num_clients", self.num_clients, integer=True)
+        if (
+            isinstance(self.min_available_clients, bool)
+            or not isinstance(self.min_available_clients, int)
+            or not (0 <= self.min_available_clients <= self.num_clients)
+        ):
+            _fail(
+                "federation.min_available_clients",
+                self.min_available_clients,
+                f"expected an integer in 0..federation.num_clients={self.num_clients} (0: all of them)",
+            )
+        _positive("federation.round_timeout_s", self.round_timeout_s)
         _positive("federation.num_rounds", self.num_rounds, integer=True)
         _fraction("federation.fraction_train", self.fraction_train)
         _fraction("federation.fraction_evaluate", self.fraction_evaluate, low_open=False)

@@ -112,6 +112,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
             num_rounds=cfg.federation.num_rounds - offset,
             train_config=train_config,
             evaluate_fn=evaluate_fn,
+            timeout=cfg.federation.round_timeout_s,
         )
     final_state = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
     failure = run_failure(strategy.rounds.values(), cfg.federation.max_failed_fraction)

@@ -125,6 +125,7 @@ class AccountedStrategy(fs.Strategy):
         self.update_bound = update_bound
         self.rounds: dict[int, RoundReport] = {}
         self._sent: tuple[int, ArrayRecord] | None = None  # (round, global arrays sent)
+        self._sampled_nodes: dict[int, list[int]] = {}  # round -> nodes sent a train message
         #: Rounds done before this process started (a resumed run): Flower's ``start`` counts
         #: from 1 again, so every round it names is shifted by this to the run's own round.
         self.round_offset = 0
@@ -138,6 +139,7 @@ class AccountedStrategy(fs.Strategy):
         server_round += self.round_offset
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.rounds[server_round] = RoundReport(server_round, sampled=len(messages))
+        self._sampled_nodes = {server_round: [m.metadata.dst_node_id for m in messages]}
         self._sent = (server_round, arrays)
         return messages
 
@@ -178,12 +180,18 @@ class AccountedStrategy(fs.Strategy):
                 f"{len(report.rejections)} rejected, {len(report.refusals)} refused: budget spent); "
                 f"first: {first}"
             )
-        if len(replies) < report.sampled:
+        # Killed, disconnected or too slow: a failure, counted like one. Count by replies, not
+        # ids: the SuperLink answers for a node it saw die (NODE_UNAVAILABLE) under its own id.
+        replied = {m.metadata.src_node_id for m in replies}
+        missing = max(report.sampled - len(replies), 0)
+        silent = [n for n in self._sampled_nodes.get(server_round, []) if n not in replied][:missing]
+        for node in silent:
+            report.failures.append(
+                f"node {node}: no reply before the round's timeout (federation.round_timeout_s)"
+            )
+        if silent:
             log.warning(
-                "round %d: %d of %d sampled clients did not reply in time",
-                server_round,
-                report.sampled - len(replies),
-                report.sampled,
+                "round %d: %d of %d sampled clients did not reply", server_round, len(silent), report.sampled
             )
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         why = check_aggregate(arrays)
@@ -246,7 +254,7 @@ def build_strategy(cfg: ExperimentConfig) -> AccountedStrategy:
         "fraction_evaluate": f.fraction_evaluate,
         "min_train_nodes": f.min_train_clients,
         "min_evaluate_nodes": min(f.min_train_clients, f.num_clients) if f.fraction_evaluate > 0 else 0,
-        "min_available_nodes": f.num_clients,
+        "min_available_nodes": f.min_available_clients or f.num_clients,
         "train_metrics_aggr_fn": _metrics_mean,
         "evaluate_metrics_aggr_fn": _metrics_mean,
     }
@@ -262,4 +270,3 @@ def build_strategy(cfg: ExperimentConfig) -> AccountedStrategy:
     if cfg.privacy.client_level:
         strategy = wrap_client_level_dp(strategy, cfg)
     return AccountedStrategy(strategy, update_bound=cfg.privacy.update_clip_norm)
-

@@ -16,7 +16,9 @@ server cannot move it; in simulation the caller passes a default under the run f
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,28 @@ from fedmer.config import ExperimentConfig
 from fedmer.privacy.engine import HistoryEntry, PrivacyHistory, compute_epsilon
 from fedmer.privacy.ledger import LedgerEntry, load_ledger
 
-__all__ = ["LEDGER_PATH_KEY", "NodePrivacy", "ledger_path"]
+__all__ = ["EPSILON_CAP_KEY", "LEDGER_PATH_KEY", "NodePrivacy", "ledger_path", "node_cap"]
 
 log = logging.getLogger(__name__)
 
 #: node_config key a SuperNode uses to name its ledger file.
 LEDGER_PATH_KEY = "ledger-path"
+#: node_config key of the node's own lifetime epsilon cap: the server's run config cannot raise it.
+EPSILON_CAP_KEY = "epsilon-cap"
+
+
+def node_cap(node_config: Mapping[str, Any]) -> float | None:
+    """The cap the node's operator set (``epsilon-cap``), or None; a bad value is refused, naming it."""
+    if EPSILON_CAP_KEY not in node_config:
+        return None
+    raw = node_config[EPSILON_CAP_KEY]
+    try:
+        cap = float(raw)
+    except (TypeError, ValueError):
+        cap = math.nan
+    if isinstance(raw, bool) or not cap >= 0:  # also NaN
+        raise ValueError(f"invalid node config {EPSILON_CAP_KEY}={raw!r}: expected a number >= 0 (or inf)")
+    return cap
 
 
 def ledger_path(node_config: Mapping[str, Any], default: Path) -> Path:
@@ -52,11 +70,14 @@ class NodePrivacy:
         partition_id: int,
         ledger: Path,
         run_tag: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.context = context
         self.privacy = cfg.privacy
         self.partition_id = partition_id
         self.ledger = ledger
+        #: The node's name in its ledger and logs: its site (node config ``site``) or ``client-<pid>``.
+        self.name = name or f"client-{partition_id}"
         #: What the ledger tags this run's entries with: Flower's run id, or the id of the run a
         #: resumed run continues (a resume gets a new Flower run id but is the same run).
         self.run_tag = run_tag or str(context.run_id)
@@ -73,27 +94,27 @@ class NodePrivacy:
         """Check ``planned`` (noise, rate, steps) against the cap, record it; the lifetime epsilon after.
 
         Raises :class:`fedmer.privacy.ledger.BudgetExceeded` when the cap would be passed.
+        The node owns its cap: the one in its node config (``epsilon-cap``) or, without one, the
+        one stored in its ledger. The run config's ``privacy.budget_cap`` may lower it for this
+        run, never raise it; a new ledger without a node cap adopts the run's (simulation).
         """
         p = self.privacy
-        ledger = load_ledger(
-            self.ledger,
-            node=f"client-{self.partition_id}",
-            accountant=p.accountant,
-            delta=p.delta,
-            cap=p.budget_cap,
-        )
+        owned = node_cap(self.context.node_config)
+        ledger = load_ledger(self.ledger, node=self.name, accountant=p.accountant, delta=p.delta, cap=owned)
+        if owned is None and not ledger.path.exists():
+            ledger = replace(ledger, cap=p.budget_cap)
+        if p.budget_cap > ledger.cap:
+            log.warning(
+                "%s: the run asks for an epsilon cap of %g but the node's own cap is %g; the node's holds",
+                self.name, p.budget_cap, ledger.cap,
+            )  # fmt: skip
         if rk.PRIVACY_STATE not in self.context.state:
             self._resume_history(ledger.entries)
-        after = ledger.check_budget([planned])
+        cap = min(ledger.cap, p.budget_cap)
+        after = replace(ledger, cap=cap).check_budget([planned])
         ledger = ledger.record([planned], run_id=self.run_tag, server_round=server_round)
-        log.info(
-            "client %d: ledger %s now at epsilon %.3f (delta %g, cap %g)",
-            self.partition_id,
-            ledger.path,
-            after,
-            p.delta,
-            p.budget_cap,
-        )
+        log.info("%s: ledger %s at epsilon %.3f (delta %g, cap %g)", self.name, ledger.path, after, p.delta,
+                 cap)  # fmt: skip
         return after
 
     def _resume_history(self, entries: Iterable[LedgerEntry]) -> None:
