@@ -11,12 +11,19 @@ folder, are fsynced and then ``os.replace``d, so a crash leaves the old or the n
 never half of one. One writer per file: in simulation each virtual node has its own
 ledger file; an ``fcntl`` lock on ``<file>.lock`` plus a check that the file has not
 changed since it was loaded guard against a second writer by mistake.
+
+Tamper evidence: the file carries ``entry_count`` and ``chain``, a SHA-256 hash chain over
+its header and every entry in order. A ledger whose entries were edited, removed, reordered
+or emptied no longer matches and is refused (``LedgerError``): the node will not train until
+an operator restores it. This catches accidents and naive edits (a truncated copy, a hand-
+emptied list), not an operator who recomputes the chain: the node's disk is the node's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -52,7 +59,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READABLE_SCHEMAS = (1, 2)  # 1: before the hash chain; upgraded to 2 on its next write
 FORMAT = "fedmer-privacy-ledger"
 #: What one unit of privacy protects: epsilon is per sample, not per person or per node.
 UNIT = "one sample of this node's data"
@@ -183,8 +191,18 @@ class PrivacyLedger:
             "unit": UNIT,
             "created": self.created,
             "updated": self.updated,
+            "entry_count": len(self.entries),
+            "chain": _chain(self.node, self.accountant, self.delta, self.created, self.entries),
             "entries": cols,
         }
+
+
+def _chain(node: str, accountant: str, delta: float, created: str, entries: Iterable[LedgerEntry]) -> str:
+    """SHA-256 hash chain over the header and every entry, in order (see the module docstring)."""
+    digest = hashlib.sha256(json.dumps([FORMAT, node, accountant, delta, created]).encode()).hexdigest()
+    for e in entries:
+        digest = hashlib.sha256((digest + json.dumps(list(e))).encode()).hexdigest()
+    return digest
 
 
 def _grouped(entries: Iterable[tuple[float, float, int]]) -> PrivacyHistory:
@@ -274,10 +292,10 @@ def _parse(path: Path, raw: Any) -> PrivacyLedger:
     """Validate the decoded JSON against the schema; every failure names the file and the field."""
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise LedgerError(f'{path}: not a FedMER privacy ledger (no "format": "{FORMAT}")')
-    if raw.get("schema_version") != SCHEMA_VERSION:
+    if raw.get("schema_version") not in _READABLE_SCHEMAS:
         raise LedgerError(
             f"{path}: schema_version {raw.get('schema_version')!r} is not supported (this FedMER reads "
-            f"{SCHEMA_VERSION})"
+            f"{', '.join(map(str, _READABLE_SCHEMAS))})"
         )
     missing = [k for k in ("node", "accountant", "delta", "cap", "created", "entries") if k not in raw]
     if missing:
@@ -303,7 +321,37 @@ def _parse(path: Path, raw: Any) -> PrivacyLedger:
         str(raw["created"]),
         raw.get("updated"),
     )
-    return PrivacyLedger(path, node, acc, delta, cap, tuple(entries), created, updated)  # validates the rest
+    ledger = PrivacyLedger(path, node, acc, delta, cap, tuple(entries), created, updated)  # validates the rest
+    if raw["schema_version"] >= 2:
+        _check_chain(path, raw, node, acc, delta, created, entries)
+    else:
+        log.warning("%s: ledger schema 1 has no hash chain; it gets one on its next write", path)
+    return ledger
+
+
+def _check_chain(
+    path: Path,
+    raw: dict[str, Any],
+    node: str,
+    acc: str,
+    delta: float,
+    created: str,
+    entries: list[LedgerEntry],
+) -> None:
+    """Refuse a ledger whose entries no longer match its count and hash chain (edited or truncated)."""
+    restore = (
+        "the node refuses to train until an operator restores the ledger from a backup (never delete it: "
+        "that would reset the node's spent budget)"
+    )
+    if raw.get("entry_count") != len(entries):
+        raise LedgerError(
+            f"{path}: holds {len(entries)} entries but records entry_count={raw.get('entry_count')!r}: "
+            f"its history was truncated or edited; {restore}"
+        )
+    if raw.get("chain") != _chain(node, acc, delta, created, entries):
+        raise LedgerError(
+            f"{path}: its entries do not match their hash chain: its history was edited; {restore}"
+        )
 
 
 def read_ledger(path: str | os.PathLike[str]) -> PrivacyLedger:

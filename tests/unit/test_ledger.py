@@ -247,3 +247,42 @@ def test_cli_missing_or_corrupt_ledger_exits_2(tmp_path: Path) -> None:
     bad.write_text("{")
     proc = _cli("privacy", "show", str(bad), "--json")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and str(bad) in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("tamper", "why"),
+    [
+        (lambda raw: raw["entries"].update({c: [] for c in raw["entries"]}), "truncated or edited"),
+        (lambda raw: raw["entries"].update({c: v[:-1] for c, v in raw["entries"].items()}), "truncated"),
+        (lambda raw: raw["entries"].update(noise=[v * 2 for v in raw["entries"]["noise"]]), "hash chain"),
+        (lambda raw: raw["entries"].update(steps=raw["entries"]["steps"][::-1]), "hash chain"),
+        (lambda raw: raw.update(created="2020-01-01T00:00:00+00:00"), "hash chain"),
+    ],
+)
+def test_edited_or_truncated_history_is_refused_until_restored(
+    tmp_path: Path, tamper: Callable[[dict], None], why: str
+) -> None:
+    """Emptying, cutting or editing the entries (even consistently across columns) is detected."""
+    path = tmp_path / "ledger.json"
+    _fresh(path).record([ROUND, (ROUND[0], ROUND[1], ROUND[2] + 1)], run_id=1, server_round=1)
+    good = path.read_text()
+    raw = json.loads(good)
+    tamper(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(LedgerError, match=why) as info:
+        _fresh(path)
+    assert "refuses to train" in str(info.value)
+    path.write_text(good)  # the operator restores the backup: the node works again
+    assert len(_fresh(path).entries) == 2
+
+
+def test_a_schema_1_ledger_is_read_and_gains_a_chain_on_its_next_write(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    _fresh(path).record([ROUND], run_id=1, server_round=1)
+    raw = json.loads(path.read_text())
+    raw["schema_version"] = 1
+    del raw["chain"], raw["entry_count"]
+    path.write_text(json.dumps(raw))
+    _fresh(path).record([ROUND], run_id=2, server_round=1)
+    upgraded = json.loads(path.read_text())
+    assert upgraded["schema_version"] == SCHEMA_VERSION and upgraded["entry_count"] == 2
