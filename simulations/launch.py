@@ -36,12 +36,20 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """Ray resources set explicitly: all cores for Ray, ``client_cpus`` per ClientApp, no GPU.
 
+    With ``RAY_ADDRESS`` set (``ray start --head`` on one host, ``ray start --address=...`` on
+    the others) the simulation attaches to that cluster instead and uses all of its nodes.
+
     Flower's default gives each client 2 CPUs, which on a 2-core machine runs one client at
     a time; one CPU per client (torch pinned to one thread in the ClientApp) runs two.
     """
+    resources = {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # an existing cluster brings its own resources; ray.init refuses num_cpus then
+        log.info("attaching the simulation to the Ray cluster at %s (RAY_ADDRESS)", address)
+        return {"client_resources": resources, "init_args": {"address": address, "include_dashboard": False}}
     cpus = os.cpu_count() or 2
     return {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+        "client_resources": resources,
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
     }
 

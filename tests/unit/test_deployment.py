@@ -202,3 +202,16 @@ def test_min_available_and_round_timeout_are_validated() -> None:
     ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             ExperimentConfig.from_run_config(FLAT | {key: bad})
+
+
+def test_simulation_attaches_to_a_ray_cluster_when_ray_address_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init refuses num_cpus for an existing cluster: with RAY_ADDRESS only the address goes."""
+    from simulations.launch import backend_config
+
+    cfg = ExperimentConfig.from_run_config(FLAT)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert "num_cpus" in backend_config(cfg)["init_args"]
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
+    local = backend_config(cfg)
+    assert local["init_args"] == {"address": "10.0.0.7:6379", "include_dashboard": False}
+    assert local["client_resources"]["num_cpus"] == cfg.federation.client_cpus
