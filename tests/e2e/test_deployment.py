@@ -134,7 +134,6 @@ def test_node_at_its_cap_refuses_after_restart_and_a_killed_node_is_counted(
     config = {
         **RUN,
         "output.dir": str(out),
-        "federation.num_rounds": 3,
         "federation.min_available_clients": 1,
         "federation.round_timeout_s": 60.0,
         "privacy.budget_cap": 1000.0,
