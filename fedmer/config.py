@@ -37,7 +37,7 @@ MODALITIES: tuple[str, ...] = ("speech", "face", "physio", "can")
 #: Every modality any dataset may carry, in canonical order.
 ALL_MODALITIES: tuple[str, ...] = (*MODALITIES, "text")
 SCENARIOS: tuple[str, ...] = ("driving", "clinic")
-AUDIO_FRONTENDS: tuple[str, ...] = ("logmel", "mfcc")
+AUDIO_FRONTENDS: tuple[str, ...] = ("logmel", "mfcc", "egemaps")
 TEXT_ENCODERS: tuple[str, ...] = ("tokens", "minilm")
 #: Input standardisation: none, or per-feature mean/std from the clients' (DP) sums.
 STANDARDIZE: tuple[str, ...] = ("none", "federated")
@@ -101,7 +101,7 @@ class DataConfig:
     seq_len: int = 20
     modalities: str = "all"
     root: str = "../shared/data"  # real datasets: folder holding ravdess/, stress-predict/, meld/
-    audio_frontend: str = "logmel"  # RAVDESS speech features: log-mel or MFCC frames
+    audio_frontend: str = "logmel"  # RAVDESS speech features: log-mel or MFCC frames, or openSMILE eGeMAPS
     text_encoder: str = "tokens"  # MELD: trainable token embeddings, or pretrained MiniLM sentence vectors
     complete_only: bool = False  # RAVDESS: only the 360 clips with a face, whichever modalities are selected
     standardize: str = "none"  # federated: per-feature mean/std from every client's sums before round 1
@@ -187,6 +187,10 @@ class ModelConfig:
             _fail("model.modality_dropout", self.modality_dropout, "expected [0, 1)")
 
 
+#: The smallest target epsilon a run accepts (see PrivacyConfig validation).
+MIN_TARGET_EPSILON = 0.01
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Which unit DP protects (one sample, one whole client, or both) and how strongly.
@@ -230,6 +234,14 @@ class PrivacyConfig:
         _choice("privacy.recipe", self.recipe, RECIPES)
         if not (isinstance(self.target_epsilon, (int, float)) and self.target_epsilon > 0):
             _fail("privacy.target_epsilon", self.target_epsilon, "expected a number > 0")
+        if self.target_epsilon < MIN_TARGET_EPSILON:
+            _fail(
+                "privacy.target_epsilon",
+                self.target_epsilon,
+                f"expected >= {MIN_TARGET_EPSILON:g}: below that the noise a run needs is beyond "
+                "Opacus' search (sigma <= 1e6) or drowns every update, and the run would fail "
+                "minutes later inside Opacus",
+            )
         if not (isinstance(self.delta, (int, float)) and 0.0 < self.delta < 1.0):
             _fail("privacy.delta", self.delta, "expected a number in the open interval (0, 1)")
         if self.noise_multiplier is not None and not (

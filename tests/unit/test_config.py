@@ -45,6 +45,7 @@ def test_run_config_round_trip() -> None:
         ("data.name", "imagenet", "synthetic"),
         ("privacy.target_epsilon", 0.0, "> 0"),
         ("privacy.target_epsilon", -1.0, "> 0"),
+        ("privacy.target_epsilon", 1e-9, ">= 0.01"),
         ("privacy.delta", 0.0, "(0, 1)"),
         ("privacy.delta", 1.0, "(0, 1)"),
         ("privacy.accountant", "moments", "rdp"),
