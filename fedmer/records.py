@@ -16,6 +16,7 @@ __all__ = [
     "DELTA",
     "EPSILON",
     "EPSILON_LIFETIME",
+    "EVALUATE_REPLY_METRICS",
     "EVAL_ACCURACY",
     "EVAL_LOSS",
     "LEDGER_RUN",
@@ -37,6 +38,7 @@ __all__ = [
     "STATS_SUMS",
     "STEPS",
     "TRAIN_LOSS",
+    "TRAIN_REPLY_METRICS",
     "UPDATE_CLIPPED",
     "UPDATE_NORM",
     "scalar",
@@ -62,6 +64,15 @@ UPDATE_NORM = "update_norm"
 UPDATE_CLIPPED = "update_clipped"
 PARTITION_ID = "partition_id"
 CLIENT_WEIGHT = "client-weight"  # always 1: the equal weights client-level DP accounting needs
+
+#: Everything a TRAIN reply's MetricRecord holds: the declared list of what leaves a node
+#: besides the clipped arrays (README "What leaves a node"; a test pins it). None is noised.
+TRAIN_REPLY_METRICS = frozenset(
+    {NUM_EXAMPLES, CLIENT_WEIGHT, TRAIN_LOSS, EPSILON, EPSILON_LIFETIME, DELTA, NOISE_MULTIPLIER, STEPS,
+     UPDATE_NORM, UPDATE_CLIPPED, PARTITION_ID}
+)  # fmt: skip
+#: Everything an EVALUATE reply holds (only sent when federation.fraction_evaluate > 0).
+EVALUATE_REPLY_METRICS = frozenset({NUM_EXAMPLES, CLIENT_WEIGHT, EVAL_LOSS, EVAL_ACCURACY, PARTITION_ID})
 
 # ConfigRecord keys sent by the server
 SERVER_ROUND = "server-round"  # injected by every Flower strategy

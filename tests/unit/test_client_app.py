@@ -75,9 +75,13 @@ def test_outgoing_update_is_clipped_to_c_and_has_clean_keys() -> None:
 
     state = _global()
     reply = train(_train_msg(state, 1), _context())
+    # only what is declared leaves the node: the model's own arrays and the declared metrics
+    assert set(reply.content.keys()) == {rk.ARRAYS, rk.METRICS}
     sent = reply.content[rk.ARRAYS].to_torch_state_dict()
     assert set(sent) == set(state) and not any("_module." in k for k in sent)
+    assert all(sent[k].shape == state[k].shape for k in state)
     metrics = reply.content[rk.METRICS]
+    assert set(metrics.keys()) == rk.TRAIN_REPLY_METRICS
     assert metrics[rk.UPDATE_CLIPPED] == 1 and metrics[rk.UPDATE_NORM] > 0.05
     assert update_norm(sent, state) <= 0.05
     assert metrics[rk.DELTA] == 1e-5 and metrics[rk.NUM_EXAMPLES] == len(
@@ -138,7 +142,10 @@ def test_evaluate_reports_loss_and_accuracy() -> None:
         dst_node_id=1,
         message_type=MessageType.EVALUATE,
     )
-    metrics = evaluate(msg, _context()).content[rk.METRICS]
+    reply = evaluate(msg, _context())
+    assert set(reply.content.keys()) == {rk.METRICS}
+    metrics = reply.content[rk.METRICS]
+    assert set(metrics.keys()) == rk.EVALUATE_REPLY_METRICS
     assert 0.0 <= metrics[rk.EVAL_ACCURACY] <= 1.0 and metrics[rk.EVAL_LOSS] > 0
 
 
