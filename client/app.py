@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from fedmer import records as rk
 from fedmer.federation.client_round import round_seed, train_metrics, train_round
+from fedmer.federation.faults import fault_mod
 from fedmer.federation.node import experiment_of, node_of, partition_of
 from fedmer.federation.statistics import answer_stats_query, is_stats_query
 from fedmer.models import build_model_for
@@ -28,7 +29,8 @@ from fedmer.training.loops import evaluate_model
 __all__ = ["app"]
 
 log = logging.getLogger(__name__)
-app = ClientApp(mods=[client_dp_mod])
+# fault_mod is outermost: a simulated attacker tampers with the reply after honest clipping
+app = ClientApp(mods=[fault_mod, client_dp_mod])
 
 
 @app.train()

@@ -351,6 +351,53 @@ class FederationConfig:
         return max(int(self.num_clients * self.fraction_train), self.min_train_clients)
 
 
+#: What a simulated fault does to a sampled client (``faults.failure_mode``).
+FAILURE_MODES = ("raise", "timeout", "dropout")
+#: What an attacker sends (``faults.attack``); ``none`` = honest.
+ATTACKS = ("none", "sign_flip", "scale", "noise", "nan", "label_flip")
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Simulated faults and attackers, switched on for robustness experiments (off by default).
+
+    Each round, ``failure_rate`` of the partitions (a seeded choice per round) fail when sampled:
+    they raise, reply after ``delay_s`` (``timeout``: later than a
+    ``federation.round_timeout_s`` set below it) or drop out. A fixed, seeded set of
+    ``attacker_fraction`` of the partitions attacks whenever sampled; ``attack_scale`` sets the
+    attack's strength and, with ``within_bound``, a model attacker rescales its update to the
+    clip bound C so the server's norm check cannot catch it by size alone.
+    """
+
+    failure_rate: float = 0.0
+    failure_mode: str = "raise"
+    delay_s: float = 30.0
+    attack: str = "none"
+    attacker_fraction: float = 0.0
+    attack_scale: float = 1.0
+    within_bound: bool = True
+
+    def __post_init__(self) -> None:
+        _fraction("faults.failure_rate", self.failure_rate, low_open=False)
+        _choice("faults.failure_mode", self.failure_mode, FAILURE_MODES)
+        _positive("faults.delay_s", self.delay_s)
+        _choice("faults.attack", self.attack, ATTACKS)
+        _fraction("faults.attacker_fraction", self.attacker_fraction, low_open=False)
+        _positive("faults.attack_scale", self.attack_scale)
+        if not isinstance(self.within_bound, bool):
+            _fail("faults.within_bound", self.within_bound, "expected true or false")
+        if (self.attack == "none") != (self.attacker_fraction == 0.0):
+            _fail(
+                "faults.attacker_fraction",
+                self.attacker_fraction,
+                f"faults.attack={self.attack} needs attacker_fraction > 0, and attack=none needs 0",
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.failure_rate > 0 or self.attacker_fraction > 0
+
+
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "partition": PartitionConfig,
@@ -358,6 +405,7 @@ _SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "strategy": StrategyConfig,
     "federation": FederationConfig,
+    "faults": FaultsConfig,
 }
 
 
@@ -371,6 +419,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     seed: int = 0
     output_dir: str = "outputs/flwr/{run_id}"
     #: An unfinished run folder to continue from its last checkpoint ("" starts a new run).

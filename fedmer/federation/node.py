@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from flwr.app import Context
@@ -19,6 +19,7 @@ from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.registry import load_client_dataset
 from fedmer.data.site_file import load_site_file
+from fedmer.federation.faults import poisoned_labels
 from fedmer.privacy.budget import NodePrivacy, ledger_path
 from fedmer.results.layout import LEDGER_DIR, ledger_file, run_dir
 
@@ -91,7 +92,12 @@ def node_data(context: Context, cfg: ExperimentConfig, pid: int) -> MultimodalDa
     """A deployed site's own file (``data-file`` in its node config), else partition ``pid`` of the run."""
     if DATA_FILE_KEY in context.node_config:
         return _site_file(str(context.node_config[DATA_FILE_KEY]))
-    return load_client_dataset(cfg, pid)
+    data = load_client_dataset(cfg, pid)
+    if cfg.faults.attack == "label_flip":  # a simulated attacker trains on poisoned labels
+        y = poisoned_labels(cfg, pid, data.y, data.num_classes)
+        if y is not data.y:
+            data = replace(data, y=y)
+    return data
 
 
 def node_of(context: Context) -> Node:
