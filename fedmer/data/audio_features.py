@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -45,6 +46,8 @@ __all__ = [
     "SAMPLE_RATE",
     "WINDOW",
     "AudioFrontEnd",
+    "SpeechFrontEnd",
+    "build_audio_frontend",
     "dct_ii",
     "deltas",
     "frame_power",
@@ -270,6 +273,30 @@ class AudioFrontEnd:
 
     def __call__(self, signal: np.ndarray) -> np.ndarray:
         return pool_segments(self.frames(signal), self.seq_len).astype(np.float32)
+
+
+class SpeechFrontEnd(Protocol):
+    """What the loaders and their caches need of a speech front-end (numpy or eGeMAPS)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def seq_len(self) -> int: ...
+    @property
+    def n_features(self) -> int: ...
+    @property
+    def feature_names(self) -> tuple[str, ...]: ...
+    def params(self) -> dict[str, object]: ...
+    def __call__(self, signal: np.ndarray) -> np.ndarray: ...
+
+
+def build_audio_frontend(kind: str, seq_len: int) -> SpeechFrontEnd:
+    """``data.audio_frontend`` -> its front-end: logmel | mfcc (numpy, here) or egemaps (openSMILE)."""
+    if kind == "egemaps":
+        from fedmer.data.egemaps import EgemapsFrontEnd  # openSMILE loads only when asked for
+
+        return EgemapsFrontEnd(seq_len)
+    return AudioFrontEnd(kind, seq_len)
 
 
 def read_flac(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

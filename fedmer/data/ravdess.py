@@ -7,8 +7,9 @@ folder laid out the same way, e.g. the official release converted to 16 kHz FLAC
 
 **Samples.** One clip = one sample of ``data.seq_len`` frames. ``speech`` is the
 ``audio_features.AudioFrontEnd`` output (``data.audio_frontend`` logmel | mfcc, plus pitch
-and deltas); ``face`` is the clip's 56 features, constant over the frames. The 1,080 clips
-with no face features have face mask False and zero face columns: a real missing modality.
+and deltas) or openSMILE eGeMAPS (``egemaps``: ``fedmer.data.egemaps``); ``face`` is the
+clip's 56 features, constant over the frames. The 1,080 clips with no face features have face
+mask False and zero face columns: a real missing modality.
 ``data.modalities`` picks a subset (``speech`` alone = audio-only); ``data.complete_only``
 keeps only the clips that recorded every modality RAVDESS offers (the 360 with face features),
 whichever modalities are selected: ``modalities=speech complete_only=true`` is audio alone on
@@ -29,8 +30,8 @@ genders alternate) are held out for test. ``data.persons_per_site``,
 ``sequences_per_person`` and ``scenario`` are ignored: the recordings fix them.
 
 **Cache.** Each actor's speech features are cached in ``<repo>/.fedmer_cache/ravdess/``
-(``FEDMER_CACHE_DIR`` overrides the root), keyed by the front-end parameters and the names,
-sizes and mtimes of the actor's FLAC files; writes are atomic and an unreadable cache file
+(``FEDMER_CACHE_DIR`` overrides the root), keyed by the front-end parameters and the names and
+SHA-256 content hashes of the actor's FLAC files; writes are atomic and an unreadable cache file
 is rebuilt with a warning.
 """
 
@@ -50,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmer.config import ConfigError, DataConfig
-from fedmer.data.audio_features import AudioFrontEnd, read_flac
+from fedmer.data.audio_features import SpeechFrontEnd, build_audio_frontend, read_flac
 from fedmer.data.base import DatasetSplit, MultimodalDataset
 from fedmer.data.registry import register_dataset
 
@@ -145,13 +146,23 @@ def _actor_files(folder: Path, actor: int) -> list[Path]:
     return files
 
 
-def _cache_key(folder: Path, files: list[Path], frontend: AudioFrontEnd) -> str:
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+def _file_digest(path: Path) -> str:
+    """SHA-256 of the file's bytes: a re-encoded or replaced clip changes the key even when its
+    size and mtime do not (a copy that preserves times, a same-length edit)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_key(folder: Path, files: list[Path], frontend: SpeechFrontEnd) -> str:
+    stats = [(f.name, _file_digest(f)) for f in files]
     blob = json.dumps([_CACHE_VERSION, folder.name, stats, frontend.params()]).encode()
     return f"{folder.name}-{hashlib.sha256(blob).hexdigest()[:20]}"
 
 
-def load_actor_speech(folder: Path, frontend: AudioFrontEnd, cache_dir: Path | None = None) -> np.ndarray:
+def load_actor_speech(folder: Path, frontend: SpeechFrontEnd, cache_dir: Path | None = None) -> np.ndarray:
     """``(60, seq_len, n_features)`` float32 speech features of one actor, in identifier order."""
     actor = int(folder.name.removeprefix("Actor_"))
     files = _actor_files(folder, actor)
@@ -242,7 +253,7 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
     """Every clip (after ``data.complete_only``), all at site 0: the data before the site split."""
     modalities = cfg.modality_list
     folder = resolve_root(cfg.root)
-    frontend = AudioFrontEnd(cfg.audio_frontend, cfg.seq_len)
+    frontend = build_audio_frontend(cfg.audio_frontend, cfg.seq_len)
     actor_dirs = [folder / "audio16k" / f"Actor_{a:02d}" for a in range(1, N_ACTORS + 1)]
     absent = [d.name for d in actor_dirs if not d.is_dir()]
     if absent:

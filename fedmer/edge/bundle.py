@@ -128,13 +128,13 @@ class ModelBundle:
 
 def frontend_settings(cfg: ExperimentConfig, modalities: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per modality, the front-end that turns a recording into the model's feature columns."""
-    from fedmer.data.audio_features import AudioFrontEnd
+    from fedmer.data.audio_features import build_audio_frontend
     from fedmer.data.ravdess import FACE_FEATURES
 
     out: dict[str, dict[str, Any]] = {}
     for m in modalities:
         if cfg.data.name == "ravdess" and m == "speech":
-            fe = AudioFrontEnd(cfg.data.audio_frontend, cfg.data.seq_len)
+            fe = build_audio_frontend(cfg.data.audio_frontend, cfg.data.seq_len)
             out[m] = {"type": "audio", **fe.params(), "feature_names": list(fe.feature_names)}
         elif cfg.data.name == "ravdess" and m == "face":
             out[m] = {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmer.data.audio_features import SAMPLE_RATE, AudioFrontEnd, read_flac
+from fedmer.data.audio_features import SAMPLE_RATE, SpeechFrontEnd, build_audio_frontend, read_flac
 from fedmer.data.ravdess import CLASS_NAMES, N_ACTORS, expected_clip_ids, parse_clip_id, read_face_features
 from fedmer.edge.bundle import BundleMeta
 
@@ -67,7 +67,7 @@ def true_label(path: Path) -> str | None:
         return None
 
 
-def audio_frontend(meta: BundleMeta) -> AudioFrontEnd:
+def audio_frontend(meta: BundleMeta) -> SpeechFrontEnd:
     """The speech front-end the model was trained with; refuses a model that has none, or a drifted one."""
     settings = meta.frontends.get("speech", {})
     if settings.get("type") != "audio":
@@ -76,7 +76,7 @@ def audio_frontend(meta: BundleMeta) -> AudioFrontEnd:
             f"data.name={meta.data.get('name')!r}, not speech from an audio front-end; "
             "fedmer predict needs a model trained on RAVDESS audio (data.name=ravdess)"
         )
-    fe = AudioFrontEnd(str(settings["kind"]), int(settings["seq_len"]))
+    fe = build_audio_frontend(str(settings["kind"]), int(settings["seq_len"]))
     stored = {k: v for k, v in settings.items() if k not in ("type", "feature_names")}
     if stored != fe.params():
         raise RecordingError(
