@@ -38,7 +38,7 @@ def train(msg: Message, context: Context) -> Message:
     """DP-SGD on the local partition; reply with the clipped update and cumulative epsilon."""
     node = node_of(context)
     config = cast(ConfigRecord, msg.content[rk.CONFIG])
-    seed = round_seed(node, config)
+    seed = round_seed(node, config, context.node_config)
     global_state = cast(ArrayRecord, msg.content[rk.ARRAYS]).to_torch_state_dict()
     model = build_model_for(node.cfg, node.data)
     model.load_state_dict(global_state)

@@ -50,7 +50,9 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     cpus = os.cpu_count() or 2
     return {
         "client_resources": resources,
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
+        # "local": a new Ray instance even when a `ray start` cluster runs on this machine (a bare
+        # ray.init() would attach to it, and then refuse num_cpus)
+        "init_args": {"address": "local", "num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
     }
 
 

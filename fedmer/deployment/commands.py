@@ -120,6 +120,7 @@ class SiteNode:
             "partition-id": self.partition_id,
             "num-partitions": self.num_partitions,
             "ledger-path": str(self.ledger),
+            "noise-seed": "os",  # DP noise the server cannot regenerate from the run seed
         }
         if self.data_file is not None:
             cfg["data-file"] = str(self.data_file)

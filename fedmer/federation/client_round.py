@@ -11,6 +11,7 @@ the accountant history so epsilon accumulates over every round the node joins.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from fedmer.privacy.run_noise import local_recipe
 from fedmer.training.local import DPSGD, train_local
 from fedmer.training.loops import TrainResult, seed_everything
 
-__all__ = ["RoundOutcome", "round_seed", "train_metrics", "train_round"]
+__all__ = ["NOISE_SEED_KEY", "RoundOutcome", "round_seed", "train_metrics", "train_round"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,24 @@ class RoundOutcome:
     epsilon_lifetime: float
 
 
-def round_seed(node: Node, config: ConfigRecord) -> int:
-    """Seed Python, NumPy and torch for this node's round (seed, round, partition); return the seed."""
-    return seed_everything(node.cfg.seed, int(rk.scalar(config, rk.SERVER_ROUND)), node.pid)
+#: node_config key: ``noise-seed="os"`` draws each round's seed (DP-SGD noise, batches) from the
+#: OS's entropy instead of (run seed, round, partition).
+NOISE_SEED_KEY = "noise-seed"
+
+
+def round_seed(node: Node, config: ConfigRecord, node_config: Mapping[str, object] | None = None) -> int:
+    """Seed Python, NumPy and torch for this node's round; return the seed.
+
+    In simulation the seed is (run seed, round, partition), so a run is reproducible. A deployed
+    node (``noise-seed="os"``, what ``fedmer deploy supernode`` sets) must not use it: the
+    server chose the run seed, and noise it can regenerate protects nothing from it. Its seed
+    comes from ``secrets`` (the OS's CSPRNG) each round; the noise itself is then drawn by
+    torch's generator from that seed.
+    """
+    base = node.cfg.seed
+    if node_config is not None and str(node_config.get(NOISE_SEED_KEY, "")) == "os":
+        base = secrets.randbits(63)
+    return seed_everything(base, int(rk.scalar(config, rk.SERVER_ROUND)), node.pid)
 
 
 def train_round(

@@ -80,6 +80,7 @@ def test_node_config_is_parsed_by_flower_into_the_same_values(tmp_path: Path) ->
         "ledger-path": str(tmp_path / "led ger.json"),
         "data-file": str(tmp_path / "d.npz"),
         "epsilon-cap": 6.5,
+        "noise-seed": "os",
     }
     cmd = supernode_command(
         node, "10.0.0.5:8000", Path("ca.crt"), Path("nodes/hospital-2"), runtime_port=9100
@@ -204,14 +205,29 @@ def test_min_available_and_round_timeout_are_validated() -> None:
             ExperimentConfig.from_run_config(FLAT | {key: bad})
 
 
-def test_simulation_attaches_to_a_ray_cluster_when_ray_address_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_simulation_attaches_to_a_ray_cluster_only_with_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
     """ray.init refuses num_cpus for an existing cluster: with RAY_ADDRESS only the address goes."""
     from simulations.launch import backend_config
 
     cfg = ExperimentConfig.from_run_config(FLAT)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert "num_cpus" in backend_config(cfg)["init_args"]
+    own = backend_config(cfg)["init_args"]
+    assert "num_cpus" in own and own["address"] == "local"  # never a stray `ray start` cluster
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
     local = backend_config(cfg)
     assert local["init_args"] == {"address": "10.0.0.7:6379", "include_dashboard": False}
     assert local["client_resources"]["num_cpus"] == cfg.federation.client_cpus
+
+
+def test_a_deployed_node_draws_its_noise_seed_from_the_os_not_the_run_seed() -> None:
+    """The server picks the run seed: noise derived from it would protect nothing from the server."""
+    from fedmer.federation.client_round import round_seed
+    from fedmer.federation.node import Node
+
+    cfg = ExperimentConfig.from_run_config(FLAT)
+    node = Node(cfg, 1, load_client_dataset(cfg, 1))
+    config = ConfigRecord({rk.SERVER_ROUND: 3})
+    simulated = {round_seed(node, config, {"partition-id": 1}) for _ in range(3)}
+    deployed = {round_seed(node, config, {"partition-id": 1, "noise-seed": "os"}) for _ in range(3)}
+    assert len(simulated) == 1  # reproducible in simulation
+    assert len(deployed) == 3 and not deployed & simulated
