@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import cast
@@ -79,6 +80,11 @@ def poisoned_labels(cfg: ExperimentConfig, pid: int, y: np.ndarray, num_classes:
     return (num_classes - 1 - y).astype(y.dtype)
 
 
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    """L2 norm over every tensor, summed in float64."""
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors.values()))
+
+
 def _malicious(arrays: ArrayRecord, global_arrays: ArrayRecord, faults: FaultsConfig, bound: float,
                rng: np.random.Generator) -> ArrayRecord:  # fmt: skip
     """The attacker's reply: the honest update replaced as ``faults.attack`` says."""
@@ -86,7 +92,7 @@ def _malicious(arrays: ArrayRecord, global_arrays: ArrayRecord, faults: FaultsCo
     ref = global_arrays.to_torch_state_dict()
     keys = [k for k, v in sent.items() if torch.is_floating_point(v)]
     delta = {k: sent[k] - ref[k] for k in keys}
-    norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))
+    norm = _norm(delta)
     s = faults.attack_scale
     if faults.attack == "nan":
         bad = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
@@ -96,10 +102,10 @@ def _malicious(arrays: ArrayRecord, global_arrays: ArrayRecord, faults: FaultsCo
         bad = {k: s * d for k, d in delta.items()}
     else:  # noise: a random direction with s times the honest norm
         bad = {k: torch.from_numpy(rng.standard_normal(tuple(d.shape))).to(d.dtype) for k, d in delta.items()}
-        raw = float(torch.sqrt(sum((d.double() ** 2).sum() for d in bad.values())))
+        raw = _norm(bad)
         bad = {k: d * (s * norm / max(raw, 1e-12)) for k, d in bad.items()}
     if faults.within_bound and faults.attack != "nan":
-        new_norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in bad.values())))
+        new_norm = _norm(bad)
         if new_norm > 0:
             bad = {k: d * (bound / new_norm) for k, d in bad.items()}
     out = dict(sent)

@@ -321,7 +321,7 @@ def _parse(path: Path, raw: Any) -> PrivacyLedger:
         str(raw["created"]),
         raw.get("updated"),
     )
-    ledger = PrivacyLedger(path, node, acc, delta, cap, tuple(entries), created, updated)  # validates the rest
+    ledger = PrivacyLedger(path, node, acc, delta, cap, tuple(entries), created, updated)  # validates rest
     if raw["schema_version"] >= 2:
         _check_chain(path, raw, node, acc, delta, created, entries)
     else:
