@@ -36,6 +36,7 @@ OVERRIDES = [
 GAINS = (-20.0, 10.0)
 VARIANTS: dict[str, SpeechFrontEnd] = {
     "logmel": AudioFrontEnd("logmel", 20),
+    "logmel-level-norm": AudioFrontEnd("logmel", 20, level_norm=True),
     "egemaps-no-level-norm": EgemapsFrontEnd(20, level_norm=False),
     "egemaps": EgemapsFrontEnd(20),
     "egemaps-functionals-only": EgemapsFrontEnd(20, layout="functionals"),
@@ -67,15 +68,19 @@ def main() -> None:
                 row[f"clipped_{g:+.0f}db_of_360"] = clipped[g]
             rows.append(row)
             print(row, flush=True)
+    done = {(r["variant"], r["seed"]) for r in rows}
+    if CSV_PATH.is_file():  # keep the other variants' and seeds' rows of earlier invocations
+        with CSV_PATH.open(newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if (r["variant"], int(r["seed"])) not in done] + rows
     CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
     with CSV_PATH.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    for name in args.variants:
+    for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         cells = [
-            f"{k} {np.mean([r[k] for r in mine]):.3f} ± {np.std([r[k] for r in mine]):.3f}"
+            f"{k} {np.mean([float(r[k]) for r in mine]):.3f} ± {np.std([float(r[k]) for r in mine]):.3f}"
             for k in mine[0]
             if k.startswith(("uar", "agree"))
         ]

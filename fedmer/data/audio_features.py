@@ -42,6 +42,7 @@ __all__ = [
     "AUDIO_FEATURE_VERSION",
     "DB_FLOOR",
     "HOP",
+    "LEVEL_DBFS",
     "N_FFT",
     "SAMPLE_RATE",
     "WINDOW",
@@ -56,6 +57,7 @@ __all__ = [
     "mel_filterbank",
     "mel_to_hz",
     "mfcc",
+    "normalise_level",
     "pitch",
     "pool_segments",
     "read_flac",
@@ -77,6 +79,18 @@ _TRIM_DB = 40.0
 _DELTA_WIDTH = 2
 #: Bump when anything above changes: the loaders' feature caches are keyed by it.
 AUDIO_FEATURE_VERSION = 1
+
+
+#: Target RMS of a level-normalised waveform (dBFS; RAVDESS clips' median is about -41).
+LEVEL_DBFS = -40.0
+_SILENCE_RMS = 1e-7  # below this a clip is digital silence: left as it is
+
+
+def normalise_level(signal: np.ndarray, level_dbfs: float = LEVEL_DBFS) -> np.ndarray:
+    """The waveform scaled to an RMS of ``level_dbfs``: a recording gain no longer shows."""
+    x = np.asarray(signal, dtype=np.float64).reshape(-1)
+    rms = float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+    return x if rms < _SILENCE_RMS else x * (10.0 ** (level_dbfs / 20.0) / rms)
 
 
 def hz_to_mel(f: np.ndarray | float) -> np.ndarray:
@@ -222,6 +236,8 @@ class AudioFrontEnd:
 
     kind: str = "logmel"  # "logmel" | "mfcc"
     seq_len: int = 20
+    #: Scale each clip to a fixed RMS first (gain-robust; measured, not the default: docs/ravdess.md).
+    level_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("logmel", "mfcc"):
@@ -262,10 +278,11 @@ class AudioFrontEnd:
             "voiced": _VOICED,
             "pitch_window": _PITCH_WINDOW,
             "trim_db": _TRIM_DB,
-        }
+        } | ({"level_norm": LEVEL_DBFS} if self.level_norm else {})  # old keys unchanged without it
 
     def frames(self, signal: np.ndarray) -> np.ndarray:
         """Unpooled, trimmed ``(n_frames, n_features)``: static features, then their deltas."""
+        signal = normalise_level(signal) if self.level_norm else signal
         lm = log_mel(signal)
         spectral = lm if self.kind == "logmel" else dct_ii(lm, N_MFCC)
         static = np.concatenate([spectral, pitch(signal)], axis=1)

@@ -34,24 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from fedmer.data.audio_features import SAMPLE_RATE, pool_segments
+from fedmer.data.audio_features import LEVEL_DBFS, SAMPLE_RATE, normalise_level, pool_segments
 
 __all__ = ["EGEMAPS_VERSION", "LEVEL_DBFS", "N_FUNCTIONALS", "N_LLD", "EgemapsFrontEnd", "normalise_level"]
 
 N_LLD = 25
 N_FUNCTIONALS = 88
-#: Target RMS of the level-normalised waveform (dBFS; RAVDESS clips' median is about -41).
-LEVEL_DBFS = -40.0
-_SILENCE_RMS = 1e-7  # below this a clip is digital silence: left as it is
 #: Bump when anything here changes: the feature caches are keyed by it.
 EGEMAPS_VERSION = 1
-
-
-def normalise_level(signal: np.ndarray, level_dbfs: float = LEVEL_DBFS) -> np.ndarray:
-    """The waveform scaled to an RMS of ``level_dbfs``: a recording gain no longer shows."""
-    x = np.asarray(signal, dtype=np.float64).reshape(-1)
-    rms = float(np.sqrt(np.mean(x * x))) if x.size else 0.0
-    return x if rms < _SILENCE_RMS else x * (10.0 ** (level_dbfs / 20.0) / rms)
 
 
 def _signed_log1p(v: np.ndarray) -> np.ndarray:

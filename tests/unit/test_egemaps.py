@@ -80,3 +80,13 @@ def test_params_change_with_every_setting() -> None:
     assert len(keys) == 8
     with pytest.raises(ValueError, match="layout"):
         EgemapsFrontEnd(5, layout="frames")
+
+
+def test_logmel_level_norm_is_opt_in_and_hides_a_gain() -> None:
+    from fedmer.data.audio_features import AudioFrontEnd
+
+    assert "level_norm" not in AudioFrontEnd("logmel", 6).params()  # old cache keys and bundles hold
+    fe = AudioFrontEnd("logmel", 6, level_norm=True)
+    assert fe.params()["level_norm"] == LEVEL_DBFS
+    voice = _voice()
+    np.testing.assert_allclose(fe(play_at_gain(voice, -20.0)[0]), fe(voice), atol=1e-4)
