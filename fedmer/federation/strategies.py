@@ -195,6 +195,11 @@ class AccountedStrategy(fs.Strategy):
             )
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         why = check_aggregate(arrays)
+        if arrays is None and report.clients:  # e.g. Bulyan with fewer replies than 4f + 3
+            why = (
+                f"{type(self.inner).__name__} made no model from {len(report.clients)} accepted "
+                "update(s) (too few for its assumptions?)"
+            )
         if why is not None:
             report.aggregate_rejected = f"{why}: kept the previous global model"
             log.error("round %d: %s", server_round, report.aggregate_rejected)

@@ -123,7 +123,7 @@ def round_row(
 
 
 def run_failure(rounds: Iterable[RoundReport], max_failed_fraction: float) -> str | None:
-    """Why the run as a whole failed, or None: too many of its trainings failed or were rejected.
+    """Why the run failed, or None: too many trainings failed, or too many rounds kept the old model.
 
     A training that failed (the client raised, was killed, timed out) or whose update the
     server rejected did not contribute; when more than ``max_failed_fraction`` of the sampled
@@ -140,6 +140,16 @@ def run_failure(rounds: Iterable[RoundReport], max_failed_fraction: float) -> st
     if sampled and bad / sampled > max_failed_fraction:
         return (
             f"{bad} of {sampled} sampled trainings failed, were rejected or never replied "
+            f"(more than federation.max_failed_fraction={max_failed_fraction:g})"
+        )
+    # Rounds that kept the previous model (non-finite aggregate, or a strategy that made none):
+    # a run whose model mostly never moved is not the run the config describes either.
+    trained = [r for r in reports if r.sampled]
+    stuck = [r.server_round for r in trained if r.aggregate_rejected]
+    if trained and len(stuck) / len(trained) > max_failed_fraction:
+        return (
+            f"{len(stuck)} of {len(trained)} rounds produced no new global model (rounds {stuck[:10]}; "
+            f"first: {next(r.aggregate_rejected for r in trained if r.aggregate_rejected)}) "
             f"(more than federation.max_failed_fraction={max_failed_fraction:g})"
         )
     return None

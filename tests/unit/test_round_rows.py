@@ -63,3 +63,16 @@ def test_a_run_whose_trainings_mostly_failed_is_a_failed_run() -> None:
     )
     refused = RoundReport(3, sampled=2, refusals=["node 3: budget"] * 2)
     assert run_failure([refused], 0.0) is None
+
+
+def test_a_run_whose_rounds_mostly_kept_the_old_model_is_a_failed_run() -> None:
+    """Every client replied, but the strategy made no model (Bulyan below 4f + 3 replies)."""
+    from fedmer.results.rounds import RoundReport, run_failure
+
+    why = "Bulyan made no model from 10 accepted update(s) (too few for its assumptions?)"
+    stuck = [RoundReport(r, sampled=12, clients=[{}] * 10, aggregate_rejected=why) for r in (1, 2)]
+    fine = RoundReport(3, sampled=12, clients=[{}] * 12)
+    assert run_failure([*stuck, fine, RoundReport(4, sampled=12, clients=[{}] * 12)], 0.5) is None
+    failure = run_failure([*stuck, fine], 0.5)
+    assert failure is not None and failure.startswith("2 of 3 rounds produced no new global model")
+    assert "Bulyan made no model" in failure
