@@ -96,10 +96,13 @@ def collect(seeds: list[int]) -> list[dict[str, object]]:
     return rows
 
 
-def _cell(rows: list[dict[str, object]], strategy: str, attack: str) -> list[float]:
+def _cell(rows: list[dict[str, object]], strategy: str, attack: str, status: str = "ok") -> list[float]:
+    """UARs of the runs of one cell that ended with ``status`` (a failed run is shown as failed)."""
     return [
-        float(r["uar"]) for r in rows if r["strategy"] == strategy and r["attack"] == attack and "uar" in r
-    ]  # type: ignore[arg-type]
+        float(r["uar"])  # type: ignore[arg-type]
+        for r in rows
+        if r["strategy"] == strategy and r["attack"] == attack and r.get("status") == status and "uar" in r
+    ]
 
 
 def write_tables(rows: list[dict[str, object]]) -> None:
@@ -114,7 +117,8 @@ def write_tables(rows: list[dict[str, object]]) -> None:
         writer.writerows(rows)
     lines = [
         f"Held-out UAR (mean ± sd [seeds]) with {ATTACKER_FRACTION:.0%} attackers; "
-        "`python -m bench.robustness`.",
+        "`python -m bench.robustness`. **failed**: runs that ended with status failed (exit 1, "
+        "e.g. no round made a model); their UAR is not averaged in.",
         "",
         "| strategy | " + " | ".join(ATTACKS) + " |",
         "|---|" + "---|" * len(ATTACKS),
@@ -124,7 +128,9 @@ def write_tables(rows: list[dict[str, object]]) -> None:
         for attack in ATTACKS:
             v = _cell(rows, strategy, attack)
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells.append(f"{statistics.fmean(v):.3f} ± {sd:.3f} [{len(v)}]" if v else "-")
+            text = f"{statistics.fmean(v):.3f} ± {sd:.3f} [{len(v)}]" if v else "-"
+            failed = len(_cell(rows, strategy, attack, "failed"))
+            cells.append(text + (f", **failed** [{failed}]" if failed else ""))
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     (RESULTS / "robustness.md").write_text("\n".join(lines) + "\n")
 
