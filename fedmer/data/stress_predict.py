@@ -18,7 +18,8 @@ S02-S04 carry two extra closing tags (9 in all); their first seven follow the sa
 as the authors' labels confirm. Any other session is **skipped with a WARNING** naming the
 subject and the reason, and counted in the summary log: a tag count other than 7 or 9, tags
 not strictly increasing or outside the recording, or an interval whose length does not fit
-its task (``_PROTOCOL``). In the official release that skips five of 35: S01 (10 tags, an
+its task (``_PROTOCOL``). In the official release that skips five of 35 (any *other* session
+off protocol is an error: a truncated or edited file must not quietly drop a subject): S01 (10 tags, an
 extra mark between relax and interview), S06 (tags start at the end of the Stroop test, so
 the "interview" lasts 293 s), S17, S18 and S30 (tags 12 h before the recording: a clock slip).
 
@@ -215,6 +216,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FEDMER_CACHE_DIR", REPO_ROOT / ".fedmer_cache")) / "stress_predict"
 
 
+#: The official release's sessions that do not follow the protocol (module docstring): skipped with
+#: a warning. Any other off-protocol session is an error, not a silent loss of a subject.
+KNOWN_OFF_PROTOCOL = frozenset({"S01", "S06", "S17", "S18", "S30"})
+
+
 def load_subjects(
     raw: Path, seq_len: int, cache_dir: Path | None = None
 ) -> tuple[list[SubjectWindows], dict[str, str]]:
@@ -225,6 +231,13 @@ def load_subjects(
     kept, skipped = [], {}
     for folder in folders:
         result = _cached(folder, seq_len, cache_dir)
+        if result.skip_reason and result.subject not in KNOWN_OFF_PROTOCOL:
+            raise ConfigError(
+                f"stress_predict: {folder} does not follow the study protocol ({result.skip_reason}); "
+                f"in the official release only {', '.join(sorted(KNOWN_OFF_PROTOCOL))} do, so this "
+                "session was probably truncated or edited: restore it from the release, or move the "
+                "folder out of data.root to train without this subject"
+            )
         if result.skip_reason:
             _log.warning("stress_predict: skipping %s: %s", result.subject, result.skip_reason)
             skipped[result.subject] = result.skip_reason

@@ -192,11 +192,18 @@ def test_garbage_and_header_only_csv(tmp_path) -> None:
         load_subjects(resolve_root(str(root)), CFG.seq_len, cache_dir=None)
 
 
-def test_off_protocol_tags_skip_with_warning(tmp_path, caplog) -> None:
+def test_a_truncated_tags_file_is_an_error_not_a_dropped_subject(tmp_path) -> None:
     root = _mini_root(tmp_path)
     tags = root / "stress-predict" / "Raw_data" / "S05" / "tags_S05.csv"
     tags.write_text("\n".join(tags.read_text().splitlines()[:6]) + "\n")
+    why = r"S05 does not follow the study protocol \(6 tags.*truncated or edited"
+    with pytest.raises(ConfigError, match=why):
+        load_subjects(resolve_root(str(root)), CFG.seq_len, cache_dir=None)
+
+
+def test_the_releases_own_off_protocol_sessions_skip_with_warning(tmp_path, caplog) -> None:
+    root = _mini_root(tmp_path, copy="S05", link=("S01", "S07"))
     with caplog.at_level(logging.WARNING, logger="fedmer.data.stress_predict"):
         kept, skipped = load_subjects(resolve_root(str(root)), CFG.seq_len, cache_dir=None)
-    assert [s.subject for s in kept] == ["S07", "S08"] and list(skipped) == ["S05"]
-    assert any("skipping S05: 6 tags" in r.getMessage() for r in caplog.records)
+    assert [s.subject for s in kept] == ["S05", "S07"] and list(skipped) == ["S01"]
+    assert any("skipping S01: 10 tags" in r.getMessage() for r in caplog.records)
