@@ -21,9 +21,11 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fedmer.config import ConfigError, ExperimentConfig
@@ -33,7 +35,7 @@ from fedmer.results.layout import RESUME_CHECKPOINT, SUMMARY_JSON, run_dir
 from simulations.compose import CONFIG_DIR, experiment_from_hydra
 from simulations.launch import new_run_id, simulate
 
-__all__ = ["CONFIG_DIR", "Interrupted", "cli", "experiment_from_hydra", "main", "run"]
+__all__ = ["CONFIG_DIR", "Interrupted", "JobFailed", "cli", "experiment_from_hydra", "main", "run"]
 
 log = logging.getLogger("fedmer")
 
@@ -83,11 +85,9 @@ def main(cfg: DictConfig) -> float:
         exp = experiment_from_hydra(cfg)
         summary = run(exp)
     except ConfigError as err:
-        log.error("configuration error: %s", err)
-        sys.exit(2)
+        _fail_job(f"configuration error: {err}", 2)
     except RuntimeError as err:  # a failed run never exits 0 (its files stay for a post-mortem)
-        log.error("%s", err)
-        sys.exit(1)
+        _fail_job(str(err), 1)
     except Interrupted as stop:
         _exit_interrupted(stop.folder)
     final = summary["final"]
@@ -102,6 +102,22 @@ def main(cfg: DictConfig) -> float:
     )
     log.info("results: %s", summary["run_dir"])
     return float(final["uar"])
+
+
+class JobFailed(RuntimeError):  # noqa: N818 - names the event
+    """One job of a ``-m`` sweep failed: Hydra runs the other jobs, then reports it and exits 1."""
+
+
+def _fail_job(message: str, code: int) -> NoReturn:
+    """Exit ``code`` in a single run; in a sweep raise instead, so one bad job does not stop the rest.
+
+    Hydra's launcher catches a job's exception and goes on; its sweeper re-raises the first one
+    after the last job, so the sweep still ends non-zero. ``sys.exit`` would end the sweep here.
+    """
+    log.error("%s", message)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(message)
+    sys.exit(code)
 
 
 def _exit_interrupted(folder: Path) -> None:

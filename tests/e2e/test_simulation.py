@@ -150,23 +150,25 @@ def test_a_node_over_its_cap_refuses_and_the_run_goes_on(tmp_path: Path) -> None
     assert shown.returncode == 0 and "5.325" in shown.stdout  # one round spent, the refused one not
 
 
-def test_hydra_multirun_sweep_writes_one_run_per_job(tmp_path: Path) -> None:
+def test_hydra_multirun_sweep_writes_one_run_per_job_and_a_bad_job_stops_only_itself(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
         "simulations.run",
         "-m",
         "+experiment=smoke",
-        "seed=0,1",
+        "seed=0,-1,1",  # job 1 is invalid: it fails alone, the sweep goes on and ends non-zero
         f"hydra.sweep.dir={tmp_path}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "invalid seed=-1" in proc.stderr
     seeds = [
-        json.loads((tmp_path / str(job) / "config.json").read_text())["run_config"]["seed"] for job in (0, 1)
+        json.loads((tmp_path / str(job) / "config.json").read_text())["run_config"]["seed"] for job in (0, 2)
     ]
     assert seeds == [0, 1]
-    assert all((tmp_path / str(job) / "summary.json").exists() for job in (0, 1))
+    assert all((tmp_path / str(job) / "summary.json").exists() for job in (0, 2))
+    assert not (tmp_path / "1" / "summary.json").exists()
     report = subprocess.run(
         [sys.executable, "-m", "fedmer.cli", "report", str(tmp_path)],
         capture_output=True,
