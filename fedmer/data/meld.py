@@ -60,6 +60,7 @@ import numpy as np
 
 from fedmer.config import ConfigError, DataConfig
 from fedmer.data.base import DatasetSplit, MultimodalDataset
+from fedmer.data.digest import file_digest
 from fedmer.data.registry import register_dataset
 from fedmer.data.text_features import (
     MINILM_DIM,
@@ -243,7 +244,7 @@ def _text_features(cfg: DataConfig, folder: Path, data: MeldUtterances) -> np.nd
     """``x`` for every utterance: token ids ``(N, seq_len, 1)`` or MiniLM ``(N, 1, 384)``."""
     if cfg.text_encoder == "tokens":
         return encode_tokens(data.text, cfg.seq_len).astype(np.float32)[:, :, None]
-    stats = [(n, (folder / n).stat().st_size, (folder / n).stat().st_mtime_ns) for n in SPLIT_FILES]
+    stats = [(n, file_digest(folder / n)) for n in SPLIT_FILES]  # content, not size+mtime
     blob = json.dumps([_CACHE_VERSION, stats, minilm_model_key()]).encode()
     key = f"minilm-{hashlib.sha256(blob).hexdigest()[:20]}"
     cache = Path(os.environ.get("FEDMER_CACHE_DIR", REPO_ROOT / ".fedmer_cache")) / "meld"

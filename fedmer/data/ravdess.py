@@ -53,6 +53,7 @@ import numpy as np
 from fedmer.config import ConfigError, DataConfig
 from fedmer.data.audio_features import SpeechFrontEnd, build_audio_frontend, read_flac
 from fedmer.data.base import DatasetSplit, MultimodalDataset
+from fedmer.data.digest import file_digest
 from fedmer.data.registry import register_dataset
 
 __all__ = [
@@ -146,18 +147,8 @@ def _actor_files(folder: Path, actor: int) -> list[Path]:
     return files
 
 
-def _file_digest(path: Path) -> str:
-    """SHA-256 of the file's bytes: a re-encoded or replaced clip changes the key even when its
-    size and mtime do not (a copy that preserves times, a same-length edit)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cache_key(folder: Path, files: list[Path], frontend: SpeechFrontEnd) -> str:
-    stats = [(f.name, _file_digest(f)) for f in files]
+    stats = [(f.name, file_digest(f)) for f in files]  # content, not size+mtime
     blob = json.dumps([_CACHE_VERSION, folder.name, stats, frontend.params()]).encode()
     return f"{folder.name}-{hashlib.sha256(blob).hexdigest()[:20]}"
 

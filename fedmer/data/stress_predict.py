@@ -66,6 +66,7 @@ import numpy as np
 
 from fedmer.config import MODALITIES, ConfigError, DataConfig
 from fedmer.data.base import DatasetSplit, MultimodalDataset
+from fedmer.data.digest import file_digest
 from fedmer.data.e4 import PHYSIO_FEATURES, SIGNAL_FILES, read_recording, read_tags
 from fedmer.data.registry import register_dataset
 
@@ -181,9 +182,7 @@ def _compute(folder: Path, seq_len: int) -> SubjectWindows:
 
 def _cache_key(folder: Path, seq_len: int) -> str:
     files = [folder / f"{name}.csv" for name in SIGNAL_FILES] + [folder / f"tags_{folder.name}.csv"]
-    stats = [
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else (f.name, -1, -1) for f in files
-    ]
+    stats = [(f.name, file_digest(f)) for f in files]  # content, not size+mtime (cp -p, rsync -a)
     params = [_CACHE_VERSION, WINDOW_S, HOP_S, _SETTLE_S, _CLIP, seq_len, list(_PROTOCOL), list(_TAG_COUNTS)]
     blob = json.dumps([folder.name, stats, params]).encode()
     return f"{folder.name}-{hashlib.sha256(blob).hexdigest()[:20]}"

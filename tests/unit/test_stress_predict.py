@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -164,9 +165,19 @@ def test_cache_hit_is_faster_and_identical(tmp_path, monkeypatch) -> None:
     assert len(list((tmp_path / "cache" / "stress_predict").glob("*.npz"))) == 3
     assert t2 - t1 < (t1 - t0) / 5
     assert np.array_equal(first.train.x, second.train.x) and np.array_equal(first.test.y, second.test.y)
-    # touching a file changes the key: that subject is recomputed into a new cache entry
-    tags = tmp_path / "data" / "stress-predict" / "Raw_data" / "S05" / "tags_S05.csv"
-    tags.touch()
+    # the key is the files' content: touching changes nothing, a same-size edit that keeps the
+    # mtime (what `cp -p` / `rsync -a` of an edited file look like) is recomputed
+    acc = tmp_path / "data" / "stress-predict" / "Raw_data" / "S05" / "ACC.csv"
+    acc.touch()
+    load_stress_predict(cfg, 1, 0)
+    assert len(list((tmp_path / "cache" / "stress_predict").glob("*.npz"))) == 3
+    before = acc.stat()
+    lines = acc.read_text().splitlines()
+    i = next(k for k in range(500, len(lines)) if lines[k][-1] in "0123456789" and lines[k][-1] != "9")
+    lines[i] = lines[i][:-1] + str(int(lines[i][-1]) + 1)
+    acc.write_text("\n".join(lines) + "\n")
+    os.utime(acc, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert acc.stat().st_size == before.st_size and acc.stat().st_mtime_ns == before.st_mtime_ns
     load_stress_predict(cfg, 1, 0)
     assert len(list((tmp_path / "cache" / "stress_predict").glob("*.npz"))) == 4
 
