@@ -80,7 +80,7 @@ def main() -> None:
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         cells = [
-            f"{k} {np.mean([float(r[k]) for r in mine]):.3f} ± {np.std([float(r[k]) for r in mine]):.3f}"
+            f"{k} {np.mean([float(r[k]) for r in mine]):.3f} ± {np.std([float(r[k]) for r in mine], ddof=1):.3f}"
             for k in mine[0]
             if k.startswith(("uar", "agree"))
         ]

@@ -253,7 +253,7 @@ def write_tables(rows: list[Row]) -> None:
             "; ".join(sorted({str(x["noise_multiplier"]) for x in same})),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    main_groups = [r for r in rows if r["group"] in "abcdes"]  # not the tuning (t) nor hashed MELD (m)
+    main_groups = [r for r in rows if r["group"] in "abcdesg"]  # not the tuning (t) nor hashed MELD (m)
     pivot = pivot_table(main_groups, ("dataset", "setting"), pivot_column, [*PIVOT.values()], "uar")
     MD_PATH.write_text("\n".join([*lines, "", *pivot]) + "\n")
 

@@ -231,3 +231,23 @@ def test_face_csv_problems_are_named(tmp_path) -> None:
         read_face_features(write("emo.csv", fields, wrong), ids)
     with pytest.raises(ValueError, match="a second row"):
         read_face_features(write("dup.csv", fields, [*rows, rows[0]]), ids)
+
+
+def test_cache_key_hashes_content_a_same_size_same_mtime_edit_is_recomputed(tmp_path) -> None:
+    """An edit that keeps size and mtime (a ``cp -p`` of a re-tagged file) is a new cache key."""
+    import os
+
+    folder = tmp_path / "Actor_03"
+    shutil.copytree(DATA / "audio16k" / "Actor_03", folder)
+    fe, cache = AudioFrontEnd("mfcc", 3), tmp_path / "cache"
+    first = load_actor_speech(folder, fe, cache)
+    victim = sorted(folder.glob("*.flac"))[0]
+    stat = victim.stat()
+    raw = bytearray(victim.read_bytes())
+    raw[26 + 8] ^= 0xFF  # a byte of STREAMINFO's MD5 signature: same size, same samples
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert victim.stat().st_size == stat.st_size and victim.stat().st_mtime_ns == stat.st_mtime_ns
+    again = load_actor_speech(folder, fe, cache)
+    assert len(list(cache.glob("*.npz"))) == 2  # recomputed under a new key, not read back
+    np.testing.assert_array_equal(again, first)
