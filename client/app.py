@@ -54,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
         outcome.epsilon,
         node.cfg.privacy.delta,
     )
-    metrics = train_metrics(node, outcome, norm, was_clipped)
+    metrics = train_metrics(node, outcome, norm, was_clipped, config)
     return Message(content=RecordDict({rk.ARRAYS: ArrayRecord(clipped), rk.METRICS: metrics}), reply_to=msg)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "LOCAL_EPOCHS",
     "LR",
     "METRICS",
+    "MODALITY_COUNT_PREFIX",
     "NOISE_MULTIPLIER",
     "NUM_EXAMPLES",
     "PARTITION_ID",
@@ -41,6 +42,8 @@ __all__ = [
     "TRAIN_REPLY_METRICS",
     "UPDATE_CLIPPED",
     "UPDATE_NORM",
+    "WANT_MODALITY_COUNTS",
+    "modality_count_key",
     "scalar",
 ]
 
@@ -71,6 +74,16 @@ TRAIN_REPLY_METRICS = frozenset(
     {NUM_EXAMPLES, CLIENT_WEIGHT, TRAIN_LOSS, EPSILON, EPSILON_LIFETIME, DELTA, NOISE_MULTIPLIER, STEPS,
      UPDATE_NORM, UPDATE_CLIPPED, PARTITION_ID}
 )  # fmt: skip
+#: Train-config flag of ``strategy=fedavg_modality``: reply with a sample count per modality.
+WANT_MODALITY_COUNTS = "fedmer.want-modality-counts"
+MODALITY_COUNT_PREFIX = "modality-count-"
+
+
+def modality_count_key(index: int) -> str:
+    """The reply metric holding a node's number of samples with modality ``index``."""
+    return f"{MODALITY_COUNT_PREFIX}{index}"
+
+
 #: Everything an EVALUATE reply holds (only sent when federation.fraction_evaluate > 0).
 EVALUATE_REPLY_METRICS = frozenset({NUM_EXAMPLES, CLIENT_WEIGHT, EVAL_LOSS, EVAL_ACCURACY, PARTITION_ID})
 

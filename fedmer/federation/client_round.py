@@ -107,10 +107,19 @@ def train_round(
     return RoundOutcome(result.train, result.history, noise, epsilon, lifetime)
 
 
-def train_metrics(node: Node, outcome: RoundOutcome, update_norm: float, clipped: bool) -> MetricRecord:
-    """The MetricRecord of a training reply: examples, loss, spend and the update's norm."""
+def train_metrics(
+    node: Node, outcome: RoundOutcome, update_norm: float, clipped: bool, config: ConfigRecord | None = None
+) -> MetricRecord:
+    """The MetricRecord of a training reply: examples, loss, spend and the update's norm.
+
+    Plus a sample count per modality when the server's strategy asks (``fedavg_modality``).
+    """
+    counts: dict[str, int] = {}
+    if config is not None and rk.WANT_MODALITY_COUNTS in config:
+        counts = {rk.modality_count_key(i): int(c) for i, c in enumerate(node.data.mask.sum(axis=0))}
     return MetricRecord(
         {
+            **counts,
             rk.NUM_EXAMPLES: len(node.data),
             rk.CLIENT_WEIGHT: 1,
             rk.TRAIN_LOSS: outcome.train.loss,

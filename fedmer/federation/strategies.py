@@ -86,6 +86,13 @@ def _fedavgm(cfg: ExperimentConfig, common: dict, cls: type | None = None) -> fs
     return (cls or fs.FedAvgM)(**common, server_learning_rate=s.server_lr, server_momentum=s.server_momentum)
 
 
+@register_strategy("fedavg_modality")
+def _fedavg_modality(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
+    from fedmer.federation.modality_aware import ModalityAwareFedAvg
+
+    return ModalityAwareFedAvg(**common)
+
+
 @register_strategy("fedmedian")
 def _fedmedian(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
     return fs.FedMedian(**common)

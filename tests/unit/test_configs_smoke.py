@@ -73,7 +73,12 @@ def _one_round(overrides: list[str]) -> None:
             run_config=flat,
         )
         config = ConfigRecord(
-            {rk.SERVER_ROUND: 1, rk.LR: exp.federation.lr, rk.LOCAL_EPOCHS: exp.federation.local_epochs}
+            {
+                **dict(sent[0].content[rk.CONFIG]),  # what the strategy adds (e.g. fedavg_modality's flag)
+                rk.SERVER_ROUND: 1,
+                rk.LR: exp.federation.lr,
+                rk.LOCAL_EPOCHS: exp.federation.local_epochs,
+            }
         )
         if exp.strategy.name == "fedprox":
             config[rk.PROXIMAL_MU] = exp.strategy.proximal_mu
