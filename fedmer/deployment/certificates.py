@@ -140,7 +140,10 @@ def make_federation_keys(
     targets += [p for s in nodes for p in node_key_paths(folder, s)]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"key material already exists: {existing[:3]}; pass overwrite to replace it")
+        raise FileExistsError(
+            f"key material already exists: {existing[:3]}; replacing it locks out every deployed node: "
+            "pass overwrite (fedmer deploy keys --overwrite) only if that is what you want"
+        )
 
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
