@@ -79,11 +79,10 @@ def main() -> None:
         writer.writerows(rows)
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
-        cells = [
-            f"{k} {np.mean([float(r[k]) for r in mine]):.3f} ± {np.std([float(r[k]) for r in mine], ddof=1):.3f}"
-            for k in mine[0]
-            if k.startswith(("uar", "agree"))
-        ]
+        cells = []
+        for k in (k for k in mine[0] if k.startswith(("uar", "agree"))):
+            values = [float(r[k]) for r in mine]
+            cells.append(f"{k} {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}")
         print(f"{name} [{len(mine)} seeds]: " + ", ".join(cells))
 
 
