@@ -57,13 +57,26 @@ def test_every_registered_strategy_builds_flowers_class() -> None:
         "krum": "Krum",
         "multikrum": "MultiKrum",
         "bulyan": "Bulyan",
+        "fedavg_modality": "ModalityAwareFedAvg",  # FedMER's own: a subclass of Flower's FedAvg
     }
     assert set(expected) == set(STRATEGY_REGISTRY.names())
     for name, cls in expected.items():
         strategy = build_strategy(_cfg(name))
         assert isinstance(strategy, AccountedStrategy)
         assert type(strategy.inner).__name__ == cls
-        assert type(strategy.inner).__module__.startswith("flwr.serverapp.strategy")
+        assert isinstance(strategy.inner, fs.FedAvg if name == "fedavg_modality" else fs.Strategy)
+        flower = type(strategy.inner).__module__.startswith("flwr.serverapp.strategy")
+        assert flower or name == "fedavg_modality"
+
+
+def test_a_strategy_that_makes_no_model_keeps_the_old_one_and_says_so() -> None:
+    """Bulyan below 4f + 3 replies returns nothing: the round must record it, not look healthy."""
+    strategy = AccountedStrategy(fs.Bulyan(num_malicious_nodes=2), update_bound=5.0)
+    _sent(strategy, 1)
+    arrays, _ = strategy.aggregate_train(1, [_reply(i, 0.1 * i, 0.5, 10 * (i + 1)) for i in range(5)])
+    assert arrays is None
+    why = strategy.rounds[1].aggregate_rejected
+    assert why is not None and why.startswith("Bulyan made no model from 5 accepted update(s)")
 
 
 def _reply(pid: int, value: float, eps: float, node: int) -> Message:
