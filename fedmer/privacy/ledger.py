@@ -28,13 +28,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from fedmer.atomic import atomic_write
 from fedmer.privacy.engine import PrivacyHistory, compute_epsilon
 
 try:
@@ -261,23 +261,7 @@ def _dumps(payload: dict[str, Any]) -> str:
 
 def _atomic_write(path: Path, payload: dict[str, Any]) -> None:
     """Temp file in the same folder, fsync, ``os.replace``, fsync the folder: old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(_dumps(payload))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # a folder fsync is not possible everywhere
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(path, lambda fh: fh.write(_dumps(payload)))
 
 
 def _number(path: Path, key: str, value: Any, *, inf_ok: bool = False) -> float:

@@ -14,19 +14,18 @@ every changed key), so a resume can only ever continue the same experiment.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedmer.atomic import atomic_write
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.results.layout import RESUME_CHECKPOINT, ROUNDS_CSV, ROUNDS_JSONL, SUMMARY_JSON
 from fedmer.results.recorder import RunRecorder, claim_run_folder
@@ -76,23 +75,7 @@ def save_checkpoint(out_dir: Path, ckpt: RoundCheckpoint) -> Path:
     """Write ``ckpt`` to ``out_dir/checkpoint.pt`` atomically; return the path."""
     path = Path(out_dir) / RESUME_CHECKPOINT
     payload = {"format": CHECKPOINT_FORMAT, **asdict(ckpt)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
     return path
 
 
