@@ -117,7 +117,7 @@ def fault_mod(msg: Message, context: Context, call_next: Callable[[Message, Cont
     """ClientApp mod: inject ``faults.*`` into TRAIN messages; a no-op when faults are off."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
-    from fedmer.federation.node import experiment_of, partition_of  # node imports this module's users
+    from fedmer.federation.node import experiment_of, partition_of  # here: node.py imports this module
 
     cfg = experiment_of(context)
     if not cfg.faults.active:
