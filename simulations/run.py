@@ -34,6 +34,7 @@ from fedmer.results.checkpoint import resumable_checkpoint
 from fedmer.results.layout import RESUME_CHECKPOINT, SUMMARY_JSON, run_dir
 from simulations.compose import CONFIG_DIR, experiment_from_hydra
 from simulations.launch import new_run_id, simulate
+from simulations.ray_session import keep_ray
 
 __all__ = ["CONFIG_DIR", "Interrupted", "JobFailed", "cli", "experiment_from_hydra", "main", "run"]
 
@@ -81,6 +82,8 @@ def run(exp: ExperimentConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float:
     """Run one composed config; return the final held-out UAR (for sweepers)."""
     logging.getLogger("flwr").propagate = False  # Flower logs to its own handler; don't print twice
+    if _in_sweep():  # every job of a sweep after the first starts on the same Ray session and actors
+        keep_ray()
     try:
         exp = experiment_from_hydra(cfg)
         summary = run(exp)
@@ -115,9 +118,14 @@ def _fail_job(message: str, code: int) -> NoReturn:
     after the last job, so the sweep still ends non-zero. ``sys.exit`` would end the sweep here.
     """
     log.error("%s", message)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if _in_sweep():
         raise JobFailed(message)
     sys.exit(code)
+
+
+def _in_sweep() -> bool:
+    """True inside a ``-m`` sweep's job (Hydra's basic launcher runs them one after another here)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _exit_interrupted(folder: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from flwr.serverapp import Grid
@@ -18,6 +20,17 @@ settings.load_profile("explore" if os.environ.get("FEDMER_HYPOTHESIS") == "explo
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def _stop_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"pytest received signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM'd test run (CI cancelling, a timeout, `kill`) unwinds like Ctrl-C: the tests'
+    ``finally`` blocks and fixture teardowns then stop the SuperLinks, SuperNodes and Ray
+    processes they started, instead of leaving them running."""
+    signal.signal(signal.SIGTERM, _stop_as_interrupt)
 
 
 @pytest.fixture(autouse=True)

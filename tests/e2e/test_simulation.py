@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,17 +59,25 @@ def test_metrics_are_sane(quick_run: Path) -> None:
     assert len(final["per_class_recall"]) == 5 and len(final["confusion"]) == 5
 
 
-def test_same_seed_same_metrics(quick_run: Path, tmp_path: Path) -> None:
-    """Also: an ``output.dir`` holding ``{run_id}`` gets Flower's run id, and the CLI finds it there."""
+def test_same_seed_same_metrics_also_on_a_sweeps_reused_ray_actors(quick_run: Path, tmp_path: Path) -> None:
+    """Two jobs of one ``-m`` sweep with seed 7 match the stand-alone run with seed 7: the second
+    job runs on the first job's Ray session and actors (simulations/ray_session.py), and reuse
+    changes no metric. Also: an ``output.dir`` holding ``{run_id}`` gets Flower's run id."""
+    from tests.e2e.conftest import QUICK
+
     runs = tmp_path / "runs"
-    proc = _run_cli(tmp_path / "hydra", "seed=7", f"output.dir='{runs}/{{run_id}}'")
+    cmd = [sys.executable, "-m", "simulations.run", "-m", *QUICK, "seed=7,7"]
+    cmd += [f"output.dir='{runs}/{{run_id}}'", f"hydra.sweep.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (out,) = runs.iterdir()
-    assert out.name.isdigit() and out.name != "0"
-    assert f"results: {out}" in proc.stdout + proc.stderr
+    assert len(re.findall(r"reusing Ray and \d+ ClientApp actors", proc.stdout + proc.stderr)) == 1
+    outs = sorted(runs.iterdir())
+    assert len(outs) == 2 and all(o.name.isdigit() and o.name != "0" for o in outs)
     keys = ("uar", "accuracy", "macro_f1", "loss", "epsilon_max", "confusion", "client_epsilons")
-    for a, b in zip(_rows(quick_run), _rows(out), strict=True):
-        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    for out in outs:
+        assert f"results: {out}" in proc.stdout + proc.stderr
+        for a, b in zip(_rows(quick_run), _rows(out), strict=True):
+            assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
 
 
 def test_bad_config_stops_before_training(tmp_path: Path) -> None:
