@@ -104,6 +104,9 @@ class DataConfig:
     audio_frontend: str = "logmel"  # RAVDESS speech features: log-mel or MFCC frames, or openSMILE eGeMAPS
     text_encoder: str = "tokens"  # MELD: trainable token embeddings, or pretrained MiniLM sentence vectors
     complete_only: bool = False  # RAVDESS: only the 360 clips with a face, whichever modalities are selected
+    #: Synthetic: the server's held-out persons come from the first this-many sites (all when fewer),
+    #: so the evaluation set has a fixed size however many clients the federation has.
+    test_sites: int = 10
     standardize: str = "none"  # federated: per-feature mean/std from every client's sums before round 1
 
     def __post_init__(self) -> None:
@@ -130,6 +133,7 @@ class DataConfig:
         _ = self.modality_list  # validates the modality names
 
     @property
+        _positive("data.test_sites", self.test_sites, integer=True)
     def modality_list(self) -> tuple[str, ...]:
         """The modalities this run uses, in the dataset's canonical order."""
         offered: tuple[str, ...] = registry.DATASETS.meta(self.name)["modalities"]

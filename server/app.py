@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmer import records as rk
 from fedmer.config import ExperimentConfig
-from fedmer.data.registry import check_partitions, load_split
+from fedmer.data.registry import check_partitions, load_test_set
 from fedmer.federation.grid import PartitionOrderedGrid
 from fedmer.federation.resume import restore_rng, restore_server, round_checkpoint
 from fedmer.federation.statistics import standardize_model
@@ -51,19 +51,19 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     """Run every round of ``cfg`` on ``grid``; return the summary (also written to disk)."""
     random.seed(cfg.seed)  # Flower's samplers use the module-level `random`
     torch.manual_seed(cfg.seed)
-    split = load_split(cfg)
-    sizes = check_partitions(cfg)
+    test = load_test_set(cfg)  # a fixed-size held-out set: no client's training data is built here
+    sizes = check_partitions(cfg)  # counted, not built, where the dataset builds sites alone
     out_dir = run_dir(cfg.output_dir, run_id)
     resume = _resume_point(cfg, out_dir)
     run_tag = resume.run_id if resume else run_id  # a resumed run charges the ledgers as the same run
     log.info(
         "FedMER run: %d clients (%d-%d samples), %d held-out persons; results in %s",
-        len(sizes), min(sizes), max(sizes), len(set(split.test.person.tolist())), out_dir,
+        len(sizes), min(sizes), max(sizes), len(set(test.person.tolist())), out_dir,
     )  # fmt: skip
 
-    model = build_model_for(cfg, split.test)
+    model = build_model_for(cfg, test)
     strategy = build_strategy(cfg)
-    ordered = PartitionOrderedGrid(grid)
+    ordered = PartitionOrderedGrid(grid, expected=cfg.federation.num_clients)
     recorder: RunRecorder
     if resume is None:
         recorder = RunRecorder(out_dir, cfg)
@@ -86,7 +86,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
             return None  # the checkpoint's own round: recorded before the run was stopped
         state = arrays.to_torch_state_dict()  # as sent: FedAdam's arrays may be float64
         model.load_state_dict(state)
-        report = evaluate_model(model, split.test)
+        report = evaluate_model(model, test)
         # Flower's client-level accountant (fixed clipping only; None when not accounted)
         client_eps = client_level_epsilon(strategy.inner) if cfg.privacy.client_level else None
         rr = strategy.rounds.get(server_round)
@@ -126,8 +126,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
             "clients_refused_total": sum(len(r.refusals) for r in strategy.rounds.values()),
             "clients_rejected_total": sum(len(r.rejections) for r in strategy.rounds.values()),
             "aggregates_rejected": [r.server_round for r in strategy.rounds.values() if r.aggregate_rejected],
-            "chance_uar": 1.0 / split.test.num_classes,
-            "class_names": list(split.test.class_names),
+            "chance_uar": 1.0 / test.num_classes,
+            "class_names": list(test.class_names),
+            "partition_queries": ordered.queried,
             "local_recipes": local_recipes(cfg, sizes),
             **stats_extra,
         },
@@ -135,7 +136,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
     plot_learning_curve(
         recorder.rows,
         out_dir / LEARNING_CURVE_PNG,
-        chance=1.0 / split.test.num_classes,
+        chance=1.0 / test.num_classes,
         title=f"{cfg.data.scenario}: {cfg.model.fusion} fusion, {cfg.strategy.name}, "
         f"{cfg.federation.num_clients} clients",
     )

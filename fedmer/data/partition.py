@@ -6,8 +6,10 @@ benchmark: every class's samples are spread over clients with Dirichlet(alpha)
 proportions, sample by sample (a person's sequences may land at several clients).
 On top, ``modality_missing_rate`` removes whole modalities from a client, as in
 FedMultimodal: a client either has a sensor for all its samples or not at all.
-Everything is deterministic in ``seed``; too-small clients are a ConfigError rather
-than a silent skip, since an empty client breaks DP accounting and FedAvg weights.
+Everything is deterministic in ``seed`` (modality dropping per client, so a client built
+alone matches the same client built with all: see ``fedmer.data.registry``); too-small
+clients are a ConfigError rather than a silent skip, since an empty client breaks DP
+accounting and FedAvg weights.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import numpy as np
 from fedmer.config import ConfigError, PartitionConfig
 from fedmer.data.base import MultimodalDataset
 
-__all__ = ["drop_modalities", "partition_clients", "partition_indices"]
+__all__ = [
+    "check_client_sizes",
+    "client_modalities",
+    "drop_modalities",
+    "partition_clients",
+    "partition_indices",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -67,22 +75,34 @@ def partition_indices(
     _check_num_clients(num_clients)
     if cfg.scheme == "site":
         index = _site_indices(train, num_clients)
-        how = "partition.scheme=site"
     elif cfg.scheme == "dirichlet":
         rng = np.random.default_rng([seed, _DIRICHLET_STREAM])
         index = _dirichlet_indices(train, cfg.alpha, num_clients, rng)
-        how = f"partition.scheme=dirichlet with partition.alpha={cfg.alpha}"
     else:  # PartitionConfig validates, so only a hand-built object gets here
         raise ConfigError(f"invalid partition.scheme={cfg.scheme!r}: expected site or dirichlet")
-    for client, idx in enumerate(index):
-        if len(idx) < cfg.min_samples:
+    check_client_sizes([len(idx) for idx in index], cfg, num_clients)
+    return index
+
+
+def check_client_sizes(sizes: list[int], cfg: PartitionConfig, num_clients: int, first: int = 0) -> None:
+    """ConfigError naming the first client with fewer than ``partition.min_samples`` samples.
+
+    ``sizes`` are clients ``first``, ``first + 1``, ... (a client built alone passes its own id).
+
+    An empty or tiny client breaks DP accounting and FedAvg weights, so it stops the run
+    before round 1 instead of being skipped.
+    """
+    how = f"partition.scheme={cfg.scheme}"
+    if cfg.scheme == "dirichlet":
+        how += f" with partition.alpha={cfg.alpha}"
+    for client, size in enumerate(sizes, start=first):
+        if size < cfg.min_samples:
             raise ConfigError(
-                f"client {client} gets {len(idx)} training samples under {how} "
+                f"client {client} gets {size} training samples under {how} "
                 f"(num_clients={num_clients}), fewer than partition.min_samples={cfg.min_samples}; "
                 "raise partition.alpha, use fewer clients (federation.num_clients), generate more "
                 "data (data.persons_per_site / data.sequences_per_person) or lower partition.min_samples"
             )
-    return index
 
 
 def drop_modalities(client: MultimodalDataset, rate: float, rng: np.random.Generator) -> MultimodalDataset:
@@ -105,16 +125,27 @@ def drop_modalities(client: MultimodalDataset, rate: float, rng: np.random.Gener
     return client.with_mask(mask)
 
 
+def client_modalities(
+    client: MultimodalDataset, cfg: PartitionConfig, seed: int, pid: int
+) -> MultimodalDataset:
+    """Client ``pid``'s data after ``partition.modality_missing_rate``.
+
+    The draw comes from the client's own stream, so a client built alone loses the same
+    modalities as when every client is built together.
+    """
+    if cfg.modality_missing_rate <= 0:
+        return client
+    return drop_modalities(
+        client, cfg.modality_missing_rate, np.random.default_rng([seed, _MISSING_STREAM, pid])
+    )
+
+
 def partition_clients(
     train: MultimodalDataset, cfg: PartitionConfig, num_clients: int, seed: int
 ) -> list[MultimodalDataset]:
     """One dataset per client (see the module docstring for the schemes)."""
-    clients = [train.subset(idx) for idx in partition_indices(train, cfg, num_clients, seed)]
-    if cfg.modality_missing_rate > 0:
-        clients = [
-            drop_modalities(c, cfg.modality_missing_rate, np.random.default_rng([seed, _MISSING_STREAM, i]))
-            for i, c in enumerate(clients)
-        ]
+    index = partition_indices(train, cfg, num_clients, seed)
+    clients = [client_modalities(train.subset(idx), cfg, seed, i) for i, idx in enumerate(index)]
     for i, c in enumerate(clients):
         classes = np.bincount(c.y, minlength=c.num_classes).tolist()
         present = c.mask.any(axis=0).astype(int).tolist()

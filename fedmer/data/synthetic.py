@@ -13,12 +13,22 @@ data with the properties that make federated multimodal recognition hard:
 * Emotions unfold over a sequence (random onset and ramp, slow latent drift, lagged
   physiology, speech pauses), so a frame-wise or first-frame view is not enough.
 
+Per site, per person: every site's sensors and every person's sequences come from their own
+random stream (seeded by the run seed and the site / person index), so a client builds its own
+site and nothing else, in any process, with the values it would have in the whole pool; the pool
+is the sites' persons side by side. Features are standardised with the statistics of the
+training persons of the first ``REFERENCE_SITES`` sites (all of them when there are fewer), a
+fixed amount of work whatever the federation's size; the server's held-out set is the
+``test_persons_per_site`` held-out persons of the first ``data.test_sites`` sites, so it does not
+grow with the federation either. (Before this layout one stream drew every site in turn: the same
+distributions, different values; figures measured before it differ in their digits.)
+
 Layout: both scenarios keep the full 4-modality layout of ``config.MODALITIES``; in
 ``clinic`` the ``can`` columns are always zero and its mask False, so model code is
 uniform. Modalities outside ``DataConfig.modality_list`` are masked the same way (the
 random draws do not depend on it, so restricting modalities changes nothing else); a
 site with none of the selected sensors then yields samples whose mask is all False.
-Features are standardised with statistics of the present training samples only.
+Standardisation statistics count present training samples only.
 
 Each sample also carries an intensity label, like RAVDESS' normal/strong: the expressivity
 factor that already scales its latent trajectory (uniform on [0.6, 1.3]) cut at its
@@ -27,6 +37,7 @@ midpoint, so the label costs no extra random draw and changes no feature value.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -36,13 +47,29 @@ import numpy as np
 from fedmer.config import MODALITIES, ConfigError, DataConfig
 from fedmer.data.base import DatasetSplit, MultimodalDataset
 
-__all__ = ["INTENSITY_NAMES", "generate_synthetic", "scenario_class_names"]
+__all__ = [
+    "INTENSITY_NAMES",
+    "REFERENCE_SITES",
+    "generate_synthetic",
+    "held_out_sites",
+    "reference_sites",
+    "scenario_class_names",
+    "synthetic_site",
+    "synthetic_site_size",
+    "synthetic_test",
+]
 
 _log = logging.getLogger(__name__)
 
 #: Intensity levels of every synthetic sample (``MultimodalDataset.intensity_names``).
 INTENSITY_NAMES: tuple[str, ...] = ("normal", "strong")
 _STRENGTH_RANGE = (0.6, 1.3)  # expressivity factor of a sample's latent trajectory
+#: Sites (the first ones) whose training persons give the standardisation statistics.
+REFERENCE_SITES = 10
+# Stream tags: each site and each person draws from its own stream ([seed, tag, site(, person)]),
+# so any one of them is generated alone, in any process, with the same values.
+_SITE_STREAM = 11
+_PERSON_STREAM = 12
 
 # Generative knobs, tuned with bench/synthetic_separability.py (see its docstring).
 _PERSON_CENTER_SD = 0.15  # idiosyncratic shift of each person's class centres (latent units)
@@ -115,19 +142,37 @@ def scenario_class_names(scenario: str) -> tuple[str, ...]:
     return _scenario(scenario).classes
 
 
-def _site_availability(spec: _Scenario, num_sites: int, rng: np.random.Generator) -> np.ndarray:
-    """(S, M) sensor kits; every site keeps speech or at least two modalities."""
+@dataclass(frozen=True)
+class _Site:
+    """One site's sensors: its kit, half-rate sensors, noise level, per-feature gain and offset."""
+
+    kit: np.ndarray  # (M,) bool: which sensors the site has
+    half_rate: np.ndarray  # (M,) bool: sensor updates every second frame (sample-and-hold)
+    noise_level: np.ndarray  # (M,) scale of the site's sensor noise
+    gain: tuple[np.ndarray, ...]  # per modality: (F,) sensor gain
+    offset: tuple[np.ndarray, ...]  # per modality: (F,) sensor offset
+
+
+def _site(spec: _Scenario, seed: int, site: int) -> _Site:
+    """Site ``site``'s sensors, from its own stream: the same whichever other sites exist."""
+    rng = np.random.default_rng([seed, _SITE_STREAM, site])
     probs = np.asarray(spec.availability)
-    kits = np.zeros((num_sites, len(MODALITIES)), dtype=bool)
-    for s in range(num_sites):
-        for _ in range(100):
-            kit = rng.random(len(MODALITIES)) < probs
-            if kit[0] or kit.sum() >= 2:
-                break
-        else:  # unreachable for the built-in scenarios; keep the best-equipped kit
-            kit = probs > 0
-        kits[s] = kit
-    return kits
+    for _ in range(100):  # every site keeps speech or at least two modalities
+        kit = rng.random(len(MODALITIES)) < probs
+        if kit[0] or kit.sum() >= 2:
+            break
+    else:  # unreachable for the built-in scenarios; keep the best-equipped kit
+        kit = probs > 0
+    half_rate = rng.random(len(MODALITIES)) < _HALF_RATE_P
+    half_rate[0] = False  # microphones always run at the full frame rate
+    noise_level = rng.uniform(0.7, 1.4, size=len(MODALITIES))
+    gain: list[np.ndarray] = []
+    offset: list[np.ndarray] = []
+    for name in MODALITIES:
+        n_feat = spec.loadings[name].shape[1]
+        gain.append(np.asarray(rng.lognormal(0.0, _SITE_GAIN_SD, size=n_feat)))
+        offset.append(np.asarray(rng.normal(0.0, _SITE_OFFSET_SD, size=n_feat)))
+    return _Site(kit, half_rate, noise_level, tuple(gain), tuple(offset))
 
 
 def _lowpass(x: np.ndarray, beta: float) -> np.ndarray:
@@ -139,21 +184,22 @@ def _lowpass(x: np.ndarray, beta: float) -> np.ndarray:
     return out
 
 
+def _project(latent: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``latent @ w`` for one person: the same shapes in every process, so the same numbers."""
+    n, t, k = latent.shape
+    return (latent.reshape(n * t, k) @ w).reshape(n, t, w.shape[1])
+
+
 def _latent(
-    centers: np.ndarray,
-    y: np.ndarray,
-    person: np.ndarray,
-    n_persons: int,
-    seq_len: int,
-    rng: np.random.Generator,
+    centers: np.ndarray, y: np.ndarray, seq_len: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(N, T, 3) latent state: person-specific class centre x onset ramp + AR(1) drift.
+    """(N, T, 3) latent state of one person: own class centre x onset ramp + AR(1) drift.
 
     Also returns each sample's (N,) expressivity factor, the source of its intensity label.
     """
     n = len(y)
-    jitter = rng.normal(0.0, _PERSON_CENTER_SD, size=(n_persons, len(centers), 3))
-    target = centers[y] + jitter[person, y]
+    jitter = rng.normal(0.0, _PERSON_CENTER_SD, size=(len(centers), 3))
+    target = centers[y] + jitter[y]
     intensity = rng.uniform(*_STRENGTH_RANGE, size=n)
     onset = rng.uniform(0.1, 0.5, size=n) * seq_len
     width = rng.uniform(0.7, 2.5, size=n)
@@ -170,7 +216,7 @@ def _latent(
 
 def _modality_signal(name: str, latent: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Noise-free emotional signal of one modality, with its own temporal behaviour."""
-    sig = latent @ w
+    sig = _project(latent, w)
     if name == "speech":  # pauses carry no prosody; fatigue means more pauses
         p_voiced = np.clip(0.8 + 0.12 * latent[..., 1], 0.4, 0.97)
         voiced = rng.random(p_voiced.shape) < p_voiced
@@ -185,8 +231,38 @@ def _modality_signal(name: str, latent: np.ndarray, w: np.ndarray, rng: np.rando
     return sig
 
 
-def generate_synthetic(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
-    """Training persons and held-out test persons of every site, deterministic in ``seed``."""
+@dataclass(frozen=True)
+class _Person:
+    """One person's raw (unstandardised) sequences."""
+
+    x: np.ndarray  # (n, T, F) float64
+    y: np.ndarray  # (n,) int64
+    strength: np.ndarray  # (n,) expressivity factor
+
+
+def _person(spec: _Scenario, cfg: DataConfig, seed: int, site: _Site, site_id: int, index: int) -> _Person:
+    """Person ``index`` of site ``site_id`` (training persons first, then held-out), from its own stream."""
+    rng = np.random.default_rng([seed, _PERSON_STREAM, site_id, index])
+    n_seq, n_cls = cfg.sequences_per_person, len(spec.classes)
+    y = rng.permutation(np.arange(n_seq) % n_cls).astype(np.int64)  # classes balanced per person
+    latent, strength = _latent(spec.centers, y, cfg.seq_len, rng)
+    hold = (np.arange(cfg.seq_len) // 2) * 2
+    blocks = []
+    for j, name in enumerate(MODALITIES):
+        w = spec.loadings[name]
+        sig = _modality_signal(name, latent, w, rng)
+        baseline = rng.normal(0.0, _PERSON_BASELINE_SD, size=w.shape[1])
+        gain = rng.lognormal(0.0, _PERSON_GAIN_SD)
+        obs = site.gain[j] * (baseline + gain * sig) + site.offset[j]
+        obs += (_NOISE[name] * site.noise_level[j]) * rng.normal(size=obs.shape)
+        if site.half_rate[j]:
+            obs = obs[:, hold]
+        blocks.append(obs)
+    return _Person(np.concatenate(blocks, axis=2), y, strength)
+
+
+def _checked(cfg: DataConfig, num_sites: int) -> tuple[_Scenario, np.ndarray]:
+    """The scenario and the (M,) modalities in use; ConfigError for a bad site count or selection."""
     if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
         raise ConfigError(f"invalid num_sites={num_sites!r}: expected a positive integer")
     spec = _scenario(cfg.scenario)
@@ -199,79 +275,167 @@ def generate_synthetic(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSpl
             f"{cfg.scenario} scenario; choose from "
             + ", ".join(m for m, p in zip(MODALITIES, spec.availability, strict=True) if p > 0)
         )
-    rng_site, rng_person, rng_seq, rng_sensor = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
-    )
-    kits = _site_availability(spec, num_sites, rng_site)
-    half_rate = rng_site.random(kits.shape) < _HALF_RATE_P
-    half_rate[:, 0] = False  # microphones always run at the full frame rate
-    noise_level = rng_site.uniform(0.7, 1.4, size=kits.shape)
+    return spec, used
 
+
+def _slices(spec: _Scenario) -> tuple[tuple[int, int], ...]:
+    ends = np.cumsum([spec.loadings[m].shape[1] for m in MODALITIES])
+    return tuple((int(b - spec.loadings[m].shape[1]), int(b)) for m, b in zip(MODALITIES, ends, strict=True))
+
+
+def reference_sites(num_sites: int) -> int:
+    """How many sites (the first ones) give the standardisation statistics."""
+    return min(num_sites, REFERENCE_SITES)
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """Unstandardised sequences of some persons, side by side, with their labels and owners."""
+
+    x: np.ndarray  # (N, T, F) float64
+    mask: np.ndarray  # (N, M) sensor present and modality selected
+    y: np.ndarray
+    strength: np.ndarray
+    person: np.ndarray
+    site: np.ndarray
+
+
+def _raw(cfg: DataConfig, num_sites: int, seed: int, who: list[tuple[int, int]]) -> _Raw:
+    """The persons ``who`` = [(site, person index), ...], in that order, each from its own stream."""
+    spec, used = _checked(cfg, num_sites)
     per_site = cfg.persons_per_site + cfg.test_persons_per_site
-    n_persons = num_sites * per_site
-    person_site = np.repeat(np.arange(num_sites), per_site)
-    person_is_test = np.tile(np.arange(per_site) >= cfg.persons_per_site, num_sites)
-    n_seq, n_cls = cfg.sequences_per_person, len(spec.classes)
-    labels = rng_person.permuted(np.tile(np.arange(n_seq) % n_cls, (n_persons, 1)), axis=1)
-    y = labels.reshape(-1).astype(np.int64)
-    person = np.repeat(np.arange(n_persons), n_seq)
-    site = person_site[person]
-    latent, strength = _latent(spec.centers, y, person, n_persons, cfg.seq_len, rng_seq)
-    intensity = (strength >= sum(_STRENGTH_RANGE) / 2).astype(np.int64)
+    n_seq = cfg.sequences_per_person
+    people: list[_Person] = []
+    masks, persons, sites = [], [], []
+    site, site_id = None, -1
+    for s, p in who:
+        if site is None or s != site_id:
+            site, site_id = _site(spec, seed, s), s
+        people.append(_person(spec, cfg, seed, site, s, p))
+        masks.append(np.repeat((site.kit & used)[None, :], n_seq, axis=0))
+        persons.append(np.full(n_seq, s * per_site + p, dtype=np.int64))
+        sites.append(np.full(n_seq, s, dtype=np.int64))
+    return _Raw(
+        x=np.concatenate([q.x for q in people]),
+        mask=np.concatenate(masks),
+        y=np.concatenate([q.y for q in people]),
+        strength=np.concatenate([q.strength for q in people]),
+        person=np.concatenate(persons),
+        site=np.concatenate(sites),
+    )
 
-    blocks, slices, start = [], [], 0
-    hold = (np.arange(cfg.seq_len) // 2) * 2
-    for j, name in enumerate(MODALITIES):
-        w = spec.loadings[name]
-        n_feat = w.shape[1]
-        sig = _modality_signal(name, latent, w, rng_seq)
-        baseline = rng_person.normal(0.0, _PERSON_BASELINE_SD, size=(n_persons, n_feat))
-        gain = rng_person.lognormal(0.0, _PERSON_GAIN_SD, size=n_persons)
-        site_gain = rng_site.lognormal(0.0, _SITE_GAIN_SD, size=(num_sites, n_feat))
-        site_off = rng_site.normal(0.0, _SITE_OFFSET_SD, size=(num_sites, n_feat))
-        obs = baseline[person, None, :] + gain[person, None, None] * sig
-        obs = site_gain[site, None, :] * obs + site_off[site, None, :]
-        obs += (_NOISE[name] * noise_level[site, j])[:, None, None] * rng_sensor.normal(size=obs.shape)
-        slow = half_rate[site, j]
-        obs[slow] = obs[slow][:, hold]
-        blocks.append(obs)
-        slices.append((start, start + n_feat))
-        start += n_feat
-    x = np.concatenate(blocks, axis=2)
-    mask = kits[site] & used[None, :]
-    train = ~person_is_test[person]
-    _standardize(x, mask, train, slices)
-    x = x.astype(np.float32)
 
-    def build(rows: np.ndarray) -> MultimodalDataset:
-        full = MultimodalDataset(
-            x=x[rows],
-            mask=mask[rows],
-            y=y[rows],
-            person=person[rows].astype(np.int64),
-            site=site[rows].astype(np.int64),
-            modalities=MODALITIES,
-            feature_slices=tuple(slices),
-            class_names=spec.classes,
-            intensity=intensity[rows],
-            intensity_names=INTENSITY_NAMES,
-        )
-        return full.with_mask(full.mask)  # zero the columns of absent modalities
+_Stats = tuple[tuple[np.ndarray, np.ndarray], ...]
 
-    _log.debug("synthetic %s: %d sites, kits=%s", cfg.scenario, num_sites, kits.astype(int).tolist())
-    blind = np.flatnonzero(~(kits & used).any(axis=1))
+
+def _stats_of(x: np.ndarray, mask: np.ndarray, slices: tuple[tuple[int, int], ...]) -> _Stats:
+    """Per modality (mean, std) of each column over the samples that have it."""
+    stats = []
+    for j, (a, b) in enumerate(slices):
+        ref = x[mask[:, j], :, a:b]
+        if not len(ref):  # no reference site has this sensor: leave its columns as generated
+            _log.info("no reference site has %s: its columns are not standardised", MODALITIES[j])
+            stats.append((np.zeros(b - a), np.ones(b - a)))
+            continue
+        stats.append((ref.mean(axis=(0, 1)), ref.std(axis=(0, 1)) + 1e-6))
+    return tuple(stats)
+
+
+def _reference_who(cfg: DataConfig, num_ref: int) -> list[tuple[int, int]]:
+    return [(s, p) for s in range(num_ref) for p in range(cfg.persons_per_site)]
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_stats(cfg: DataConfig, num_ref: int, seed: int) -> _Stats:
+    """Statistics of the training persons of sites ``0..num_ref-1``.
+
+    Cached per process: every site a process builds is standardised with the same numbers, and
+    building them costs the same at 10 sites as at 10,000.
+    """
+    spec, _ = _checked(cfg, num_ref)
+    raw = _raw(cfg, num_ref, seed, _reference_who(cfg, num_ref))
+    return _stats_of(raw.x, raw.mask, _slices(spec))
+
+
+def _dataset(cfg: DataConfig, raw: _Raw, stats: _Stats) -> MultimodalDataset:
+    """Standardise ``raw`` with ``stats``, as float32, absent modalities zeroed."""
+    spec = _scenario(cfg.scenario)
+    slices = _slices(spec)
+    mean = np.concatenate([m for m, _ in stats])  # one contiguous pass over x, not one per slice
+    std = np.concatenate([sd for _, sd in stats])
+    full = MultimodalDataset(
+        x=((raw.x - mean) / std).astype(np.float32),
+        mask=raw.mask,
+        y=raw.y,
+        person=raw.person,
+        site=raw.site,
+        modalities=MODALITIES,
+        feature_slices=slices,
+        class_names=spec.classes,
+        intensity=(raw.strength >= sum(_STRENGTH_RANGE) / 2).astype(np.int64),
+        intensity_names=INTENSITY_NAMES,
+    )
+    return full.with_mask(full.mask)  # zero the columns of absent modalities
+
+
+def _persons(cfg: DataConfig, num_sites: int, seed: int, who: list[tuple[int, int]]) -> MultimodalDataset:
+    """The standardised sequences of ``who`` = [(site, person index), ...], in that order."""
+    raw = _raw(cfg, num_sites, seed, who)
+    return _dataset(cfg, raw, _reference_stats(cfg, reference_sites(num_sites), seed))
+
+
+def _check_site(site: int, num_sites: int) -> None:
+    if isinstance(site, bool) or not isinstance(site, int) or not 0 <= site < num_sites:
+        raise ConfigError(f"invalid site={site!r}: expected an integer in 0..{num_sites - 1}")
+
+
+def synthetic_site(cfg: DataConfig, num_sites: int, seed: int, site: int) -> MultimodalDataset:
+    """The training persons of site ``site`` alone: what client ``site`` holds under ``partition=site``.
+
+    Equal to that site's rows of ``generate_synthetic(cfg, num_sites, seed).train``, built without
+    generating any other site's persons (beyond the reference sites' statistics, once per process).
+    """
+    _check_site(site, num_sites)
+    return _persons(cfg, num_sites, seed, [(site, p) for p in range(cfg.persons_per_site)])
+
+
+def synthetic_site_size(cfg: DataConfig, num_sites: int, site: int) -> int:
+    """Training samples of site ``site``, without generating anything."""
+    _check_site(site, num_sites)
+    return cfg.persons_per_site * cfg.sequences_per_person
+
+
+def held_out_sites(cfg: DataConfig, num_sites: int) -> int:
+    """How many sites (the first ones) contribute their held-out persons to the test set."""
+    return min(num_sites, cfg.test_sites)
+
+
+def synthetic_test(cfg: DataConfig, num_sites: int, seed: int) -> MultimodalDataset:
+    """The server's held-out persons: ``test_persons_per_site`` of each of the first ``data.test_sites``.
+
+    Its size does not grow with the federation: at 10,000 sites the server still scores the
+    global model on the persons of at most ``data.test_sites`` sites.
+    """
+    return _persons(cfg, num_sites, seed, _test_who(cfg, num_sites))
+
+
+def _test_who(cfg: DataConfig, num_sites: int) -> list[tuple[int, int]]:
+    """The held-out persons: indices after a site's training persons, of the first test sites."""
+    first, n = cfg.persons_per_site, cfg.test_persons_per_site
+    return [(s, first + p) for s in range(held_out_sites(cfg, num_sites)) for p in range(n)]
+
+
+def generate_synthetic(cfg: DataConfig, num_sites: int, seed: int) -> DatasetSplit:
+    """Training persons of every site and the held-out test persons, deterministic in ``seed``."""
+    spec, _ = _checked(cfg, num_sites)
+    num_ref = reference_sites(num_sites)
+    raw = _raw(cfg, num_sites, seed, [(s, p) for s in range(num_sites) for p in range(cfg.persons_per_site)])
+    # the reference persons are the pool's first rows: their statistics without generating them twice
+    head = len(_reference_who(cfg, num_ref)) * cfg.sequences_per_person
+    stats = _stats_of(raw.x[:head], raw.mask[:head], _slices(spec))
+    train = _dataset(cfg, raw, stats)
+    blind = np.unique(train.site[~train.mask.any(axis=1)])
     if blind.size:
         _log.info("sites %s lack every one of data.modalities=%s: masks all False", blind, cfg.modalities)
-    return DatasetSplit(train=build(np.flatnonzero(train)), test=build(np.flatnonzero(~train)))
-
-
-def _standardize(x: np.ndarray, mask: np.ndarray, train: np.ndarray, slices: list[tuple[int, int]]) -> None:
-    """In place: per-column z-score with statistics of present training samples only."""
-    for j, (a, b) in enumerate(slices):
-        rows = train & mask[:, j]
-        if not rows.any():
-            continue
-        ref = x[rows, :, a:b]
-        mean = ref.mean(axis=(0, 1))
-        std = ref.std(axis=(0, 1)) + 1e-6
-        x[:, :, a:b] = (x[:, :, a:b] - mean) / std
+    held_out = _dataset(cfg, _raw(cfg, num_sites, seed, _test_who(cfg, num_sites)), stats)
+    return DatasetSplit(train=train, test=held_out)

@@ -2,35 +2,71 @@
 
 Flower's strategies sample with ``random.sample(list(grid.get_node_ids()), k)``. Node
 ids are random per run, so even with ``random`` seeded the same seed would pick
-different vehicles or hospitals each time. This wrapper asks each new node once (a
-QUERY message) which partition it holds and returns node ids sorted by that; with the
-server's ``random`` seeded, the same seed then samples the same clients in every run,
-in simulation and on real SuperNodes alike.
+different vehicles or hospitals each time. This wrapper learns which partition each node
+holds and returns node ids sorted by that; with the server's ``random`` seeded, the same
+seed then samples the same clients in every run, in simulation and on real SuperNodes alike.
+
+How it learns the partition: on real SuperNodes it asks each new node once (a QUERY message).
+In Flower's simulation runtime the mapping is already known: the runtime registers its N
+nodes one by one in its in-memory LinkState and gives the i-th ``partition-id=i`` (flwr 1.42,
+``vce_api._register_nodes``; the pin below 1.43 guards it), and that state lists nodes in
+registration order. Asking instead cost one Ray round trip per node: 328 s at 10,000 nodes.
+If the registered count disagrees with the run's ``federation.num_clients`` (a mismatched
+``num-supernodes``), the nodes are asked after all, and their errors stop the run as before.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from flwr.app import Message, MessageType, RecordDict
+from flwr.server.superlink.linkstate import InMemoryLinkState
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.superlink.grid import InMemoryGrid
 
 from fedmer import records as rk
 
-__all__ = ["PartitionOrderedGrid", "SharedPartitionError", "short_reason"]
+__all__ = [
+    "REGISTRATION_SETTLE_S",
+    "PartitionOrderedGrid",
+    "SharedPartitionError",
+    "registration_order",
+    "short_reason",
+]
 
 log = logging.getLogger(__name__)
 
+#: Seconds the simulation's node count must stay below ``expected`` before the nodes are asked.
+REGISTRATION_SETTLE_S = 5.0
+
+
+def registration_order(grid: Grid) -> list[int] | None:
+    """Node ids in the order Flower's simulation runtime registered them (node i holds partition i).
+
+    None for any other grid (deployment: only the nodes know their partition).
+    """
+    if not isinstance(grid, InMemoryGrid) or not isinstance(grid.state, InMemoryLinkState):
+        return None
+    return [info.node_id for info in grid.state.get_node_info()]
+
 
 class PartitionOrderedGrid(Grid):
-    """Delegates to a Flower Grid; ``get_node_ids`` is ordered by each node's partition id."""
+    """Delegates to a Flower Grid; ``get_node_ids`` is ordered by each node's partition id.
 
-    def __init__(self, inner: Grid, timeout: float = 600.0) -> None:
+    ``expected`` is the run's ``federation.num_clients``: in simulation the registration order
+    is trusted once that many nodes are registered (see the module docstring).
+    """
+
+    def __init__(self, inner: Grid, timeout: float = 600.0, expected: int | None = None) -> None:
         self._inner = inner
         self._timeout = timeout
+        self._expected = expected
+        self._count_since: tuple[int, float] = (-1, 0.0)  # registered count and when it was first seen
         self.partition_of: dict[int, int] = {}
+        self.queried = 0  # nodes asked for their partition (0 in a simulation whose mapping is known)
 
     # -- delegation ----------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -59,10 +95,39 @@ class PartitionOrderedGrid(Grid):
         nodes = list(self._inner.get_node_ids())
         unknown = [n for n in nodes if n not in self.partition_of]
         if unknown:
-            self._ask_partitions(unknown)
+            registered = self._registered()
+            if registered is None:
+                self._ask_partitions(unknown)
+            elif self._expected is None or len(registered) == self._expected:
+                self.partition_of.update(registered)  # the whole federation: known for good
+            else:  # maybe still registering: list the registered nodes, keep nothing yet
+                pending = {n: registered[n] for n in nodes if n in registered}
+                _refuse_shared_partitions(pending)
+                return sorted(pending, key=lambda n: (pending[n], n))
         known = [n for n in nodes if n in self.partition_of]
         _refuse_shared_partitions({n: self.partition_of[n] for n in known})
         return sorted(known, key=lambda n: (self.partition_of[n], n))
+
+    def _registered(self) -> dict[int, int] | None:
+        """Partition id of each node from the simulation's registration order; None: ask the nodes.
+
+        While fewer than ``expected`` nodes are registered the runtime may still be registering
+        them: node i is partition i whatever follows, and the sampler waits for the rest. A
+        count that stays short for ``REGISTRATION_SETTLE_S``, or one above ``expected``, means
+        the federation does not match the config: then the nodes are asked, and say why.
+        """
+        order = registration_order(self._inner)
+        if order is None:
+            return None
+        count, now = len(order), time.monotonic()
+        if self._expected is not None and count != self._expected:
+            if count > self._expected:
+                return None
+            if count != self._count_since[0]:
+                self._count_since = (count, now)
+            elif now - self._count_since[1] >= REGISTRATION_SETTLE_S:
+                return None
+        return {node: pid for pid, node in enumerate(order)}
 
     def _ask_partitions(self, nodes: list[int]) -> None:
         """Ask ``nodes`` for their partition id; a node that cannot answer stops the run.
@@ -73,6 +138,7 @@ class PartitionOrderedGrid(Grid):
         queries = [
             Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes
         ]
+        self.queried += len(nodes)
         errors = []
         for reply in self._inner.send_and_receive(queries, timeout=self._timeout):
             node = reply.metadata.src_node_id
