@@ -23,6 +23,13 @@ per round and peak memory at 10,000 within 1.5x of 100, round 1 within 2x).
 With a cluster address the workers run in the cluster's raylets, not below this process: the
 memory column is then the driver's tree on this machine only. Extra Hydra overrides go after
 ``--`` (``-- privacy=off``). Writes bench/results/scale.csv and scale.json.
+
+    .venv/bin/python -m bench.scale --flower-costs               # Flower's per-node costs alone
+
+measures, in this process and without Ray, what Flower 1.42's simulation runtime spends per
+registered node: registering the nodes, registering each node's context (Flower's way and with
+``simulations.flower_patches``), and one sweep of its message-polling thread with a round's
+messages in flight (Flower's loop and the patched one). Writes bench/results/flower_costs.json.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import importlib
 import itertools
 import json
@@ -43,6 +51,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flwr.app import Message
 
 try:
     import psutil
@@ -254,6 +264,91 @@ def targets(results: list[ScaleResult]) -> list[str]:
     return out
 
 
+def _median_s(fn: Any, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _flower_sweep(state: Any, nodes: list[int]) -> None:
+    """One sweep of Flower 1.42's ``vce_api.add_messages_to_queue``: every node asked in turn."""
+    for node in nodes:
+        state.get_message_ins(node_id=node, limit=1)
+
+
+def flower_costs(counts: list[int], in_flight: int) -> list[dict[str, Any]]:
+    """Flower's per-node costs at each node count (see the module docstring), in this process."""
+    from flwr.app import RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet.vce.vce_api import _register_node_info_stores, _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    from simulations.flower_patches import POLL_INTERVAL_S, flower_patches, poll_once
+
+    rows = []
+    me = psutil.Process()
+    for n in sorted(counts):
+        factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+        run = Run.create_empty(run_id=1000 + n)
+        run.primary_task_id, run.federation_id = 2000 + n, NOOP_FEDERATION_ID
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+        state = factory.state()
+        state.run_ids[run.run_id] = RunRecord(run=run)  # as flwr.simulation.run_simulation does
+        state.task_store[run.primary_task_id] = Task(task_id=run.primary_task_id, run_id=run.run_id)
+        grid = InMemoryGrid(state_factory=factory)
+        grid.set_run(run)
+        rss0 = me.memory_info().rss
+        t = time.perf_counter()
+        mapping = _register_nodes(n, factory)
+        register_nodes_s = time.perf_counter() - t
+        t = time.perf_counter()
+        stores = _register_node_info_stores(mapping, run, app_dir=str(ROOT))
+        contexts_s = time.perf_counter() - t
+        rss_nodes = me.memory_info().rss - rss0
+        with flower_patches():
+            t = time.perf_counter()
+            _register_node_info_stores(mapping, run, app_dir=str(ROOT))
+            contexts_patched_s = time.perf_counter() - t
+        del stores
+        k = min(in_flight, n)
+        sampled = list(mapping)[:: max(1, n // k)][:k]
+        grid.push_messages([Message(RecordDict(), node, "train") for node in sampled])
+        nodes = list(mapping)
+        delivered = [m for node in nodes for m in state.get_message_ins(node_id=node, limit=1)]
+        assert len(delivered) == k  # in flight: delivered, awaiting replies, as during a round
+
+        rank = {node: i for i, node in enumerate(nodes)}
+        flower = _median_s(functools.partial(_flower_sweep, state, nodes), 3)
+        patched = _median_s(functools.partial(poll_once, state, rank), 5)
+        rows.append(
+            {
+                "nodes": n,
+                "in_flight": k,
+                "register_nodes_s": round(register_nodes_s, 3),
+                "register_contexts_s": round(contexts_s, 3),
+                "register_contexts_patched_s": round(contexts_patched_s, 3),
+                "rss_nodes_and_contexts_mib": round(rss_nodes / 1024**2, 1),
+                "poll_sweep_s": round(flower, 5),
+                "poll_sweep_patched_s": round(patched, 6),
+                "poll_busy_fraction": round(flower / (flower + POLL_INTERVAL_S), 3),
+                "poll_busy_fraction_patched": round(patched / (patched + POLL_INTERVAL_S), 4),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[ScaleResult]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 10000])
@@ -263,8 +358,15 @@ def main(argv: list[str] | None = None) -> list[ScaleResult]:
     parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS", ""))
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for scale.csv and scale.json")
     parser.add_argument("--tag", default="", help="suffix of the result files (scale<tag>.csv)")
+    parser.add_argument("--flower-costs", action="store_true", help="Flower's per-node costs only, no runs")
+    parser.add_argument("--in-flight", type=int, default=20, help="--flower-costs: messages in flight")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
     args = parser.parse_args(argv)
+    if args.flower_costs:
+        rows = flower_costs(args.clients, args.in_flight)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"flower_costs{args.tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return []
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (a steady round is round 2 or later)")
     results = []

@@ -24,6 +24,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from fedmer.config import ExperimentConfig
+from simulations.flower_patches import flower_patches
 
 __all__ = ["PROJECT_ROOT", "backend_config", "new_run_id", "simulate"]
 
@@ -80,16 +81,17 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, run_id: int | None
         run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
     log.info("simulating %d clients on Flower's Ray runtime", cfg.federation.num_clients)
-    _run_simulation(
-        num_supernodes=cfg.federation.num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_config=backend_config(cfg),
-        server_app_context=context,
-        app_dir=str(PROJECT_ROOT),
-        run=run,
-        is_app=True,  # makes the runtime fuse pyproject defaults with run.override_config
-        verbose_logging=verbose,
-    )
+    with flower_patches():  # polling and context registration that do not grow with every node
+        _run_simulation(
+            num_supernodes=cfg.federation.num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_config=backend_config(cfg),
+            server_app_context=context,
+            app_dir=str(PROJECT_ROOT),
+            run=run,
+            is_app=True,  # makes the runtime fuse pyproject defaults with run.override_config
+            verbose_logging=verbose,
+        )
     return run_id

@@ -1,4 +1,5 @@
-"""Scale: a process builds only the data it uses, and the server knows simulated nodes' partitions.
+"""Scale: a process builds only the data it uses; the server knows simulated nodes' partitions;
+Flower's per-node polling and context registration are worked around.
 
 Issue 12 measured 10,000 registered clients costing 76 s of data building in the driver and
 148-165 s again in each Ray actor (every process built every partition), an evaluation set
@@ -13,6 +14,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.proto.task_pb2 import Task
 from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
 from flwr.server.superlink.linkstate import LinkStateFactory
@@ -20,6 +23,7 @@ from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
@@ -30,6 +34,7 @@ from fedmer.data.partition import partition_clients
 from fedmer.data.synthetic import REFERENCE_SITES, generate_synthetic, synthetic_site, synthetic_test
 from fedmer.federation import grid as grid_module
 from fedmer.federation.grid import PartitionOrderedGrid, registration_order
+from simulations.flower_patches import flower_patches, poll_once
 
 TINY = DataConfig(persons_per_site=2, test_persons_per_site=1, sequences_per_person=10, seq_len=6)
 FIELDS = ("x", "mask", "y", "person", "site", "intensity")
@@ -211,3 +216,42 @@ def test_a_federation_that_does_not_match_the_config_asks_its_nodes(monkeypatch:
 
 def test_a_deployed_grid_has_no_registration_order() -> None:
     assert registration_order(object()) is None  # type: ignore[arg-type]  # e.g. Flower's GrpcGrid
+
+
+# -- Flower's per-node costs, worked around (simulations.flower_patches) ---------------------
+
+
+def test_one_pass_polling_hands_out_what_flowers_per_node_loop_does() -> None:
+    inner, mapping = _simulated_grid(50)
+    state = inner.state
+    nodes = list(mapping)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, inner.run.run_id, SUPERLINK_NODE_ID
+    # two messages for some nodes, one for others, one already delivered: Flower hands out one per node
+    targets = [nodes[3], nodes[3], nodes[40], nodes[7], nodes[0], nodes[40], nodes[12]]
+    inner.push_messages([Message(RecordDict(), node, "train") for node in targets])
+    state.get_message_ins(node_id=nodes[12], limit=1)
+    rank = {node: i for i, node in enumerate(nodes)}
+    for _ in range(3):  # sweep after sweep, until nothing is left to hand out
+        ours = poll_once(state, rank)
+        for msg in ours:  # undo, then let Flower's own loop take the same sweep
+            msg.metadata.delivered_at = ""
+        theirs = [m for node in nodes for m in state.get_message_ins(node_id=node, limit=1)]
+        assert [m.metadata.message_id for m in ours] == [m.metadata.message_id for m in theirs]
+    assert poll_once(state, rank) == []
+
+
+def test_flower_patches_fuse_the_config_once_and_restore_flower() -> None:
+    from flwr.compat.client import run_info_store
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from simulations.launch import PROJECT_ROOT
+
+    before = (vce_api.add_messages_to_queue, run_info_store.get_fused_config_from_dir)
+    override = {"federation.num_clients": 7}
+    expected = before[1](PROJECT_ROOT, override)
+    with flower_patches():
+        fused = run_info_store.get_fused_config_from_dir(PROJECT_ROOT, override)
+        again = run_info_store.get_fused_config_from_dir(PROJECT_ROOT, override)
+        assert fused == again == expected and fused is not again  # each node its own copy
+        assert vce_api.add_messages_to_queue is not before[0]
+    assert (vce_api.add_messages_to_queue, run_info_store.get_fused_config_from_dir) == before
