@@ -18,6 +18,8 @@ from fedmer.errors import ConfigError
 
 __all__ = [
     "ALL_MODALITIES",
+    "DEFAULT_GRAD_SAMPLE_MODE",
+    "GRAD_SAMPLE_MODES",
     "MODALITIES",
     "SCENARIOS",
     "STANDARDIZE",
@@ -49,6 +51,11 @@ ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 #: ``privacy.recipe``: the configured local batch/epochs/lr, or a DP-aware one chosen per client
 #: (fedmer.privacy.recipe).
 RECIPES: tuple[str, ...] = ("manual", "auto")
+#: ``privacy.grad_sample_mode``: how Opacus computes per-sample gradients, the ones that train
+#: every model family here to the same update (tests/unit/test_grad_sample_mode.py). Not "ghost":
+#: it needs Opacus' own criterion wrapper and was measured slower (docs/performance.md).
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch")
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 # Dataset, encoder, fusion, auxiliary-loss and strategy names are whatever fedmer.registry holds.
 #: Sentinel used in the flat run_config for "derive the noise from the target epsilon".
 AUTO = "auto"
@@ -221,6 +228,7 @@ class PrivacyConfig:
     stats_clip_norm: float = 20.0  # data.standardize=federated under DP-SGD: L2 bound of a sample's stats
     stats_epsilon_fraction: float = 0.1  # share of target_epsilon the stats release may spend alone
     recipe: str = "manual"  # auto: batch, local steps and lr chosen per client for DP-SGD
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # Opacus' per-sample gradients: speed, not privacy
 
     @property
     def sample_level(self) -> bool:
@@ -236,6 +244,7 @@ class PrivacyConfig:
         _choice("privacy.mode", self.mode, PRIVACY_MODES)
         _choice("privacy.accountant", self.accountant, ACCOUNTANTS)
         _choice("privacy.recipe", self.recipe, RECIPES)
+        _choice("privacy.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
         if not (isinstance(self.target_epsilon, (int, float)) and self.target_epsilon > 0):
             _fail("privacy.target_epsilon", self.target_epsilon, "expected a number > 0")
         if self.target_epsilon < MIN_TARGET_EPSILON:

@@ -88,7 +88,14 @@ def train_round(
         noise = recipe.noise_multiplier
         rate, steps = planned_steps(len(node.data), batch, epochs, 1)
         lifetime = privacy.charge((noise, rate, steps), server_round)  # raises BudgetExceeded
-        dp = DPSGD(noise, p.max_grad_norm, p.accountant, history=privacy.history, planned_steps=steps)
+        dp = DPSGD(
+            noise,
+            p.max_grad_norm,
+            p.accountant,
+            history=privacy.history,
+            planned_steps=steps,
+            grad_sample_mode=p.grad_sample_mode,
+        )
     result = train_local(
         model,
         node.data,

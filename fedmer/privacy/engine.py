@@ -20,6 +20,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedmer.config import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
+
 __all__ = [
     "DPSetup",
     "PrivacyHistory",
@@ -183,8 +185,17 @@ def make_private(
     max_grad_norm: float,
     history: PrivacyHistory,
     accountant: str = "rdp",
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
 ) -> DPSetup:
-    """Wrap model, optimizer and loader for DP-SGD with Poisson sampling, resuming ``history``."""
+    """Wrap model, optimizer and loader for DP-SGD with Poisson sampling, resuming ``history``.
+
+    ``grad_sample_mode`` picks how Opacus computes per-sample gradients (one of
+    ``GRAD_SAMPLE_MODES``); expanded weights ("ew") and functorch see only what runs inside
+    the wrapped module's forward, so the loss must be computed through it.
+    """
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        valid = ", ".join(GRAD_SAMPLE_MODES)
+        raise ValueError(f"invalid grad_sample_mode={grad_sample_mode!r}: expected one of {valid}")
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [tuple(e) for e in history.entries]
     module, dp_optimizer, dp_loader = engine.make_private(
@@ -194,5 +205,6 @@ def make_private(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
+        grad_sample_mode=grad_sample_mode,
     )
     return DPSetup(module, dp_optimizer, dp_loader, engine, noise_multiplier)

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fedmer.config import DEFAULT_GRAD_SAMPLE_MODE
 from fedmer.data.base import MultimodalDataset
 from fedmer.privacy.engine import PrivacyHistory, make_private
 from fedmer.privacy.recipe import MOMENTUM  # the auto recipe's lr assumes this momentum
-from fedmer.training.loops import TrainResult, make_loader, train_epochs
+from fedmer.training.loops import SampleLosses, TrainResult, make_loader, train_epochs
 
 __all__ = ["DPSGD", "LocalResult", "train_local"]
 
@@ -25,13 +26,18 @@ __all__ = ["DPSGD", "LocalResult", "train_local"]
 
 @dataclass(frozen=True)
 class DPSGD:
-    """DP-SGD settings of one local training; ``planned_steps`` is what the ledger was charged."""
+    """DP-SGD settings of one local training; ``planned_steps`` is what the ledger was charged.
+
+    ``grad_sample_mode`` is how Opacus computes per-sample gradients (``privacy.grad_sample_mode``):
+    a matter of speed only, the clipping, noise and accounting are the same whichever it is.
+    """
 
     noise_multiplier: float
     max_grad_norm: float
     accountant: str = "rdp"
     history: PrivacyHistory = field(default_factory=PrivacyHistory)  # spend so far, resumed
     planned_steps: int | None = None
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,9 @@ def train_local(
     ``params`` restricts what the optimiser updates (default: every parameter);
     ``proximal_mu`` and ``global_params`` add FedProx's pull toward the global model. With DP
     the step count must equal ``dp.planned_steps`` (what was charged before training), and the
-    module is handed back without Opacus' hooks.
+    module is handed back without Opacus' hooks. Under DP, Opacus wraps the model's per-sample
+    loss (:class:`SampleLosses`), so the whole objective runs inside its wrapper, as its
+    expanded-weights mode needs.
     """
     optimizer: torch.optim.Optimizer = torch.optim.SGD(
         list(params) if params is not None else model.parameters(), lr=lr, momentum=MOMENTUM
@@ -71,13 +79,14 @@ def train_local(
     setup = None
     if dp is not None:
         setup = make_private(
-            model,
+            SampleLosses(model),
             optimizer,
             loader,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             history=dp.history,
             accountant=dp.accountant,
+            grad_sample_mode=dp.grad_sample_mode,
         )
         trained, optimizer, loader = setup.module, setup.optimizer, setup.loader
     result = train_epochs(

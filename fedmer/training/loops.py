@@ -26,6 +26,7 @@ from fedmer.models.multimodal import MultimodalEmotionNet
 from fedmer.training.metrics import classification_report
 
 __all__ = [
+    "SampleLosses",
     "TrainResult",
     "batch_losses",
     "evaluate_model",
@@ -77,16 +78,50 @@ def make_loader(data: MultimodalDataset, batch_size: int, seed: int, shuffle: bo
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+class SampleLosses(nn.Module):
+    """A network's per-sample training losses as a module: ``forward(x, mask, y[, intensity]) -> (B,)``.
+
+    What DP-SGD hands to Opacus. Its expanded-weights and functorch modes compute per-sample
+    gradients only for what runs inside the wrapper's own ``forward`` (expanded weights swap the
+    parameters in for that call alone), so the whole objective, not just the logits, must be one
+    forward pass of the wrapped module. Its parameters are ``net``'s, shared, so training the
+    wrapper trains ``net`` in place.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        """``rest``: labels ``y`` and, optionally, intensity labels (-1 where unlabelled)."""
+        return _net_losses(self.net, self.net, (x, mask, *rest))
+
+
 def batch_losses(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-sample training losses ``(B,)`` of a ``(x, mask, y[, intensity])`` batch.
 
     A FedMER network supplies its own objective (:meth:`MultimodalEmotionNet.sample_losses`:
     category, intensity and auxiliary terms); any other module is trained on cross-entropy.
-    The inner method is called on the unwrapped module: Opacus' hooks sit on its layers,
-    not on the wrapper, so per-sample gradients are captured all the same.
+    A model that wraps :class:`SampleLosses` (DP-SGD's) computes them in its own forward, which
+    every Opacus ``grad_sample_mode`` sees. An empty (Poisson) batch runs no forward pass: its
+    per-sample gradients are set to empty tensors, which is what Opacus' hooks record for one and
+    what its optimizer turns into a pure-noise step (expanded weights cannot run a batch of 0).
+    Otherwise the inner method is called on the unwrapped module: Opacus' hooks sit on its
+    layers, not on the wrapper, so per-sample gradients are captured all the same.
     """
+    if isinstance(getattr(model, "_module", model), SampleLosses):
+        if len(batch[0]) == 0:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
+            return torch.zeros(0, requires_grad=True)
+        return model(*batch)
+    return _net_losses(_unwrapped(model), model, batch)
+
+
+def _net_losses(net: nn.Module, model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``net``'s own objective if it is a FedMER network, else cross-entropy of ``model``'s logits."""
     x, mask, y, *rest = batch
-    net = _unwrapped(model)
     if isinstance(net, MultimodalEmotionNet):
         return net.sample_losses(x, mask, y, rest[0] if rest else None)
     return nn.functional.cross_entropy(model(x, mask), y, reduction="none")
@@ -132,8 +167,9 @@ def train_epochs(
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The user's module inside an Opacus GradSampleModule (keys without ``_module.``)."""
-    return getattr(model, "_module", model)
+    """The user's network inside an Opacus wrapper and :class:`SampleLosses` (keys without prefixes)."""
+    inner = getattr(model, "_module", model)
+    return inner.net if isinstance(inner, SampleLosses) else inner
 
 
 @torch.no_grad()

@@ -108,7 +108,9 @@ def train_like_run(
     p = cfg.privacy
     recipe = local_recipe(cfg, len(data))
     steps_per_epoch = planned_steps(len(data), recipe.batch_size, 1, 1)[1]
-    dp = DPSGD(noise, p.max_grad_norm, p.accountant) if p.mode == "sample" else None
+    dp = None
+    if p.mode == "sample":
+        dp = DPSGD(noise, p.max_grad_norm, p.accountant, grad_sample_mode=p.grad_sample_mode)
     epochs = max(1, round(steps / steps_per_epoch))
     train_local(model, data, epochs=epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=seed, dp=dp)
     return model

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from fedmer.config import DEFAULT_GRAD_SAMPLE_MODE
 from fedmer.data.base import MultimodalDataset
 from fedmer.privacy.engine import PrivacyHistory, compute_epsilon, planned_steps
 from fedmer.training.local import DPSGD, train_local
@@ -123,6 +124,7 @@ class DPPlan:
     max_grad_norm: float
     accountant: str
     delta: float
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # speed only: the same update and spend
 
     @property
     def entry(self) -> tuple[float, float, int]:
@@ -184,7 +186,13 @@ def finetune_head(
     seed_everything(seed)
     sgd = None
     if dp is not None:
-        sgd = DPSGD(dp.noise, dp.max_grad_norm, dp.accountant, planned_steps=dp.steps)
+        sgd = DPSGD(
+            dp.noise,
+            dp.max_grad_norm,
+            dp.accountant,
+            planned_steps=dp.steps,
+            grad_sample_mode=dp.grad_sample_mode,
+        )
     local = train_local(
         model, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, dp=sgd, params=params
     )

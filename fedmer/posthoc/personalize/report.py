@@ -196,7 +196,7 @@ def _one_client(
     if settings.dp:
         rate, steps = plan_steps(len(data), batch, settings.epochs)
         noise = noise_for_target(settings.target_epsilon, p.delta, rate, steps, p.accountant)
-        plan = DPPlan(noise, rate, steps, p.max_grad_norm, p.accountant, p.delta)
+        plan = DPPlan(noise, rate, steps, p.max_grad_norm, p.accountant, p.delta, p.grad_sample_mode)
         ledger = _ledger(run, client, settings, Path(ledger_dir) if ledger_dir else None)
         exceeded, after = ledger.would_exceed([plan.entry])
         privacy.update(
