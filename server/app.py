@@ -129,7 +129,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
             "chance_uar": 1.0 / test.num_classes,
             "class_names": list(test.class_names),
             "partition_queries": ordered.queried,
-            "local_recipes": local_recipes(cfg, sizes),
+            "local_recipes": _recipes_by_partition(cfg, sizes),
             **stats_extra,
         },
     )
@@ -144,6 +144,16 @@ def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, 
         raise RuntimeError(f"FedMER run failed: {failure}; files in {out_dir}")
     log.info("FedMER finished: final held-out UAR %.4f; files in %s", summary["final"].get("uar"), out_dir)
     return summary
+
+
+def _recipes_by_partition(cfg: ExperimentConfig, sizes: list[int]) -> dict[str, Any]:
+    """``local_recipes(cfg, sizes)``, each distinct size worked out once (10,000 clients: one size)."""
+    distinct = sorted(set(sizes))
+    recipes = local_recipes(cfg, distinct)  # keyed 0..len(distinct)-1; empty without DP-SGD
+    if not recipes:
+        return {}
+    by_size = dict(zip(distinct, recipes.values(), strict=True))
+    return {str(pid): by_size[n] for pid, n in enumerate(sizes)}
 
 
 def _resume_point(cfg: ExperimentConfig, out_dir: Path) -> RoundCheckpoint | None:
