@@ -104,6 +104,9 @@ class DataConfig:
     scenario: str = "driving"
     persons_per_site: int = 8
     test_persons_per_site: int = 1
+    #: Synthetic: the server's held-out persons come from the first this-many sites (all when fewer),
+    #: so the evaluation set has a fixed size however many clients the federation has.
+    test_sites: int = 10
     sequences_per_person: int = 80
     seq_len: int = 20
     modalities: str = "all"
@@ -111,9 +114,6 @@ class DataConfig:
     audio_frontend: str = "logmel"  # RAVDESS speech features: log-mel or MFCC frames, or openSMILE eGeMAPS
     text_encoder: str = "tokens"  # MELD: trainable token embeddings, or pretrained MiniLM sentence vectors
     complete_only: bool = False  # RAVDESS: only the 360 clips with a face, whichever modalities are selected
-    #: Synthetic: the server's held-out persons come from the first this-many sites (all when fewer),
-    #: so the evaluation set has a fixed size however many clients the federation has.
-    test_sites: int = 10
     standardize: str = "none"  # federated: per-feature mean/std from every client's sums before round 1
 
     def __post_init__(self) -> None:
@@ -133,6 +133,7 @@ class DataConfig:
         _choice("data.scenario", self.scenario, SCENARIOS)
         _positive("data.persons_per_site", self.persons_per_site, integer=True)
         _positive("data.test_persons_per_site", self.test_persons_per_site, integer=True)
+        _positive("data.test_sites", self.test_sites, integer=True)
         _positive("data.sequences_per_person", self.sequences_per_person, integer=True)
         _positive("data.seq_len", self.seq_len, integer=True)
         if self.seq_len < 4:
@@ -140,7 +141,6 @@ class DataConfig:
         _ = self.modality_list  # validates the modality names
 
     @property
-        _positive("data.test_sites", self.test_sites, integer=True)
     def modality_list(self) -> tuple[str, ...]:
         """The modalities this run uses, in the dataset's canonical order."""
         offered: tuple[str, ...] = registry.DATASETS.meta(self.name)["modalities"]
