@@ -85,6 +85,11 @@ class ScaleResult:
     final_uar: float | None = None
     wall_s: float = 0.0
     command: str = ""
+    log_tail: str = ""  # the run's last output lines when it failed
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.status == "ok"
 
 
 def overrides(clients: int, rounds: int, sampled: int, extra: list[str], out_dir: Path) -> list[str]:
@@ -195,6 +200,10 @@ def measure(clients: int, args: argparse.Namespace, work: Path) -> ScaleResult:
     per_round = [round(b - a, 3) for a, b in itertools.pairwise(elapsed)]
     summaries = sorted(out_dir.rglob("summary.json"))
     summary = json.loads(summaries[0].read_text()) if summaries else {}
+    tail = ""
+    if code != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        print(f"[scale] {clients} clients: exit {code}; last lines of its output:\n{tail}", flush=True)
     return ScaleResult(
         clients=clients,
         exit_code=code,
@@ -210,6 +219,7 @@ def measure(clients: int, args: argparse.Namespace, work: Path) -> ScaleResult:
         final_uar=(summary.get("final") or {}).get("uar"),
         wall_s=round(wall, 1),
         command=" ".join(["python", *cmd[1:-1]]),
+        log_tail=tail,
     )
 
 
@@ -246,6 +256,8 @@ def table(results: list[ScaleResult]) -> str:
 def targets(results: list[ScaleResult]) -> list[str]:
     """Issue 12's targets, largest count against the smallest: met or not, with the ratios."""
     base, top = results[0], results[-1]
+    if not (base.ok and top.ok):
+        return [f"targets not checked: a run failed (exit {base.exit_code} / {top.exit_code})"]
     checks = (
         ("time per round", top.steady_round_s, base.steady_round_s, 1.5),
         ("peak memory", top.peak_tree_gb, base.peak_tree_gb, 1.5),
@@ -379,7 +391,7 @@ def main(argv: list[str] | None = None) -> list[ScaleResult]:
     for line in targets(results):
         print(line)
     args.out.mkdir(parents=True, exist_ok=True)
-    fields = [k for k in asdict(results[0]) if k not in ("round_s", "tree_gb_at_round")]
+    fields = [k for k in asdict(results[0]) if k not in ("round_s", "tree_gb_at_round", "log_tail")]
     with open(args.out / f"scale{args.tag}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
