@@ -17,6 +17,14 @@ its header and every entry in order. A ledger whose entries were edited, removed
 or emptied no longer matches and is refused (``LedgerError``): the node will not train until
 an operator restores it. This catches accidents and naive edits (a truncated copy, a hand-
 emptied list), not an operator who recomputes the chain: the node's disk is the node's own.
+
+Once per round, not once per read: a process keeps the ledger it last read or wrote, per
+path, with the file's stamp (device, inode, size, mtime and ctime in ns, and its first
+:data:`_HEAD_BYTES` bytes, which hold ``entry_count`` and the chain's head). A read whose
+stamp still matches returns that ledger without parsing or re-hashing the history; any
+change on disk (another writer, a restore, an edit) changes the stamp and the file is read
+and verified again. The chain of a ledger that grew by a few entries is extended from the
+known head, not recomputed over every entry.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import json
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -89,6 +99,29 @@ class BudgetExceeded(Exception):  # noqa: N818 - the public name reads as the ev
         )
 
 
+#: Bytes at the start of a ledger file that its stamp holds: the header, with ``entry_count`` and
+#: ``chain`` (``_dumps`` writes them before the entries), and all of a small ledger.
+_HEAD_BYTES = 4096
+#: Ledgers a process keeps in memory (one per node it serves; a miss only costs a re-read).
+_KEPT = 256
+
+
+class _Stamp(NamedTuple):
+    """What identifies one version of a ledger file without parsing it."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    head: bytes
+
+
+#: Per process: absolute path -> (stamp of the file as last read or written, that ledger).
+_KEPT_LEDGERS: OrderedDict[str, tuple[_Stamp, PrivacyLedger]] = OrderedDict()
+_KEPT_LOCK = threading.Lock()
+
+
 class LedgerEntry(NamedTuple):
     """One accountant entry plus where it came from."""
 
@@ -120,6 +153,11 @@ class PrivacyLedger:
     entries: tuple[LedgerEntry, ...] = ()
     created: str = field(default_factory=_now)
     updated: str | None = None
+    #: (header, entries, chain) of a prefix of ``entries`` whose hash chain is known, so a
+    #: ledger that grew by a few entries extends the chain instead of rehashing its history.
+    _chained: tuple[tuple[str, str, float, str], tuple[LedgerEntry, ...], str] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.accountant not in _ACCOUNTANTS:
@@ -139,6 +177,20 @@ class PrivacyLedger:
     def spent(self) -> float:
         """Epsilon at ``delta`` over every entry of every run (cached: PRV takes ~1 s)."""
         return self._spent
+
+    def chain(self) -> str:
+        """The SHA-256 hash chain over the header and every entry, extended from a known prefix."""
+        header = (self.node, self.accountant, self.delta, self.created)
+        if self._chained is not None:
+            known_header, prefix, digest = self._chained
+            if known_header == header and self.entries[: len(prefix)] == prefix:
+                return _chain(*header, self.entries[len(prefix) :], start=digest)
+        return _chain(*header, self.entries)
+
+    def _with_chain(self) -> PrivacyLedger:
+        """This ledger remembering its own chain (computed once, reused by every later write)."""
+        return replace(self, _chained=((self.node, self.accountant, self.delta, self.created), self.entries,
+                                       self.chain()))  # fmt: skip
 
     def would_exceed(self, planned: Sequence[tuple[float, float, int]]) -> tuple[bool, float]:
         """Whether adding ``planned`` (noise, rate, steps) passes the cap, and the epsilon after it."""
@@ -162,14 +214,16 @@ class PrivacyLedger:
         for e in new:
             _check_entry(self.path, e)
         with _locked(self.path):
+            # read_ledger re-reads only if the file changed since this process last read or wrote it
             on_disk = read_ledger(self.path).entries if self.path.exists() else ()
             if on_disk != self.entries:
                 raise LedgerError(
                     f"{self.path}: changed on disk since it was loaded ({len(on_disk)} entries there, "
                     f"{len(self.entries)} here); another writer? reload it before recording"
                 )
-            nxt = replace(self, entries=self.entries + new, updated=_now())
+            nxt = replace(self, entries=self.entries + new, updated=_now())._with_chain()
             _atomic_write(self.path, nxt.to_json())
+            _keep(self.path, nxt)
         log.info(
             "ledger %s: node %s spent epsilon %.4g (delta %g)", self.path, self.node, nxt.spent(), self.delta
         )
@@ -192,14 +246,26 @@ class PrivacyLedger:
             "created": self.created,
             "updated": self.updated,
             "entry_count": len(self.entries),
-            "chain": _chain(self.node, self.accountant, self.delta, self.created, self.entries),
+            "chain": self.chain(),
             "entries": cols,
         }
 
 
-def _chain(node: str, accountant: str, delta: float, created: str, entries: Iterable[LedgerEntry]) -> str:
-    """SHA-256 hash chain over the header and every entry, in order (see the module docstring)."""
-    digest = hashlib.sha256(json.dumps([FORMAT, node, accountant, delta, created]).encode()).hexdigest()
+def _chain(
+    node: str,
+    accountant: str,
+    delta: float,
+    created: str,
+    entries: Iterable[LedgerEntry],
+    start: str | None = None,
+) -> str:
+    """SHA-256 hash chain over the header and every entry, in order (see the module docstring).
+
+    ``start`` is the chain over the header and the entries before ``entries``, when known.
+    """
+    digest = start
+    if digest is None:
+        digest = hashlib.sha256(json.dumps([FORMAT, node, accountant, delta, created]).encode()).hexdigest()
     for e in entries:
         digest = hashlib.sha256((digest + json.dumps(list(e))).encode()).hexdigest()
     return digest
@@ -307,40 +373,82 @@ def _parse(path: Path, raw: Any) -> PrivacyLedger:
     )
     ledger = PrivacyLedger(path, node, acc, delta, cap, tuple(entries), created, updated)  # validates rest
     if raw["schema_version"] >= 2:
-        _check_chain(path, raw, node, acc, delta, created, entries)
-    else:
-        log.warning("%s: ledger schema 1 has no hash chain; it gets one on its next write", path)
+        _check_chain(path, raw, ledger)
+        return replace(ledger, _chained=((node, acc, delta, created), ledger.entries, raw["chain"]))
+    log.warning("%s: ledger schema 1 has no hash chain; it gets one on its next write", path)
     return ledger
 
 
-def _check_chain(
-    path: Path,
-    raw: dict[str, Any],
-    node: str,
-    acc: str,
-    delta: float,
-    created: str,
-    entries: list[LedgerEntry],
-) -> None:
+def _check_chain(path: Path, raw: dict[str, Any], ledger: PrivacyLedger) -> None:
     """Refuse a ledger whose entries no longer match its count and hash chain (edited or truncated)."""
     restore = (
         "the node refuses to train until an operator restores the ledger from a backup (never delete it: "
         "that would reset the node's spent budget)"
     )
-    if raw.get("entry_count") != len(entries):
+    if raw.get("entry_count") != len(ledger.entries):
         raise LedgerError(
-            f"{path}: holds {len(entries)} entries but records entry_count={raw.get('entry_count')!r}: "
-            f"its history was truncated or edited; {restore}"
+            f"{path}: holds {len(ledger.entries)} entries but records "
+            f"entry_count={raw.get('entry_count')!r}: its history was truncated or edited; {restore}"
         )
-    if raw.get("chain") != _chain(node, acc, delta, created, entries):
+    if raw.get("chain") != ledger.chain():
         raise LedgerError(
             f"{path}: its entries do not match their hash chain: its history was edited; {restore}"
         )
 
 
+def _stamp(path: Path) -> _Stamp | None:
+    """The file's identity and head, or None when it cannot be opened (then it is read the slow way)."""
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            head = fh.read(_HEAD_BYTES)
+    except OSError:
+        return None
+    return _Stamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, head)
+
+
+def _keep(path: Path, ledger: PrivacyLedger, stamp: _Stamp | None = None) -> None:
+    """Remember ``ledger`` as what ``path`` holds at ``stamp`` (default: now, just written).
+
+    ``record`` calls it under the ledger's lock right after its write, so the stamp is of that
+    write; a hand edit racing that instant could go unseen until the file changes again
+    (FedMER's own writers take the lock).
+    """
+    stamp = stamp if stamp is not None else _stamp(path)
+    key = os.path.abspath(path)
+    with _KEPT_LOCK:
+        if stamp is None:
+            _KEPT_LEDGERS.pop(key, None)
+            return
+        _KEPT_LEDGERS[key] = (stamp, ledger)
+        _KEPT_LEDGERS.move_to_end(key)
+        while len(_KEPT_LEDGERS) > _KEPT:
+            _KEPT_LEDGERS.popitem(last=False)
+
+
 def read_ledger(path: str | os.PathLike[str]) -> PrivacyLedger:
-    """Load an existing ledger with its own settings; a missing or corrupt file is a ``LedgerError``."""
+    """Load an existing ledger with its own settings; a missing or corrupt file is a ``LedgerError``.
+
+    Returns the ledger this process last read or wrote at ``path`` when the file's stamp
+    (inode, size, mtime, ctime, head with the chain) is unchanged; otherwise reads and verifies it.
+    """
     path = Path(path)
+    key = os.path.abspath(path)
+    stamp = _stamp(path)
+    with _KEPT_LOCK:
+        kept = _KEPT_LEDGERS.get(key)
+    if kept is not None and stamp is not None and kept[0] == stamp:
+        return kept[1] if kept[1].path == path else replace(kept[1], path=path)
+    if kept is not None:
+        log.info("ledger %s changed on disk since this process last read or wrote it: reading it again", path)
+    ledger = _read(path)
+    if stamp is not None:  # taken before the read: a change during it is seen on the next read
+        _keep(path, ledger, stamp)
+    return ledger
+
+
+def _read(path: Path) -> PrivacyLedger:
+    """Read, parse and verify the file (no process cache)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

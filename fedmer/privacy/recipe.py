@@ -77,7 +77,7 @@ def _candidates(n: int, configured_batch: int) -> list[tuple[int, int]]:
     return [(b, e) for b in batches for e in (1, 2)]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)  # one entry per client size: a fleet has many
 def choose_recipe(
     n: int,
     *,

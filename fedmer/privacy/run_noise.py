@@ -68,11 +68,6 @@ def stats_prior(cfg: ExperimentConfig) -> tuple[HistoryEntry, ...]:
     return ((sigma, 1.0, 1),) if 0 < sigma < math.inf else ()
 
 
-@functools.lru_cache(maxsize=64)
-def _noise(target: float, delta: float, rate: float, steps: int, accountant: str, prior: tuple) -> float:
-    return noise_for_target(target, delta, rate, steps, accountant, prior=prior)
-
-
 def _auto(cfg: ExperimentConfig) -> bool:
     """The DP-aware recipe applies: asked for, DP-SGD on, noise derived from a finite target."""
     p = cfg.privacy
@@ -134,4 +129,5 @@ def dp_sgd_noise(cfg: ExperimentConfig, num_examples: int) -> float:
     if _auto(cfg):
         return local_recipe(cfg, num_examples).noise_multiplier
     rate, steps = planned_steps(num_examples, f.batch_size, f.local_epochs, f.num_rounds)
-    return _noise(p.target_epsilon, p.delta, rate, steps, p.accountant, stats_prior(cfg))
+    # noise_for_target is cached per process: every round of the planned run asks for the same noise
+    return noise_for_target(p.target_epsilon, p.delta, rate, steps, p.accountant, prior=stats_prior(cfg))
