@@ -157,6 +157,7 @@ def measure(rounds: int, partition: int) -> dict[str, Any]:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     with tempfile.TemporaryDirectory(prefix="fedmer-bench-") as out:
         exp = compose_experiment([], output_dir=f"{out}/{{run_id}}")
+        torch.manual_seed(exp.seed)  # the same initial global model in every run
         model = build_model_for(exp, load_split(exp).test)
         arrays = ArrayRecord(model.state_dict())
         n = exp.federation.num_clients
