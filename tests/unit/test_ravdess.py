@@ -26,6 +26,7 @@ from fedmer.data.ravdess import (
     load_actor_speech,
     load_ravdess,
     read_face_features,
+    speech_of_actors,
 )
 from fedmer.data.registry import available_datasets
 from tests.conftest import SHARED_DATA
@@ -180,6 +181,17 @@ def test_cache_is_reused_and_a_corrupt_file_rebuilt(tmp_path, monkeypatch, caplo
     assert np.load(written)["x"].shape == first.shape  # rewritten whole
     load_actor_speech(folder, AudioFrontEnd("logmel", 9), cache)  # other parameters: another file
     assert len(list(cache.glob("*.npz"))) == 2
+
+
+def test_cold_actors_are_extracted_on_every_core_with_the_same_features(tmp_path) -> None:
+    """A cold cache is filled by worker processes; the features equal one process's, in order."""
+    dirs = [DATA / "audio16k" / f"Actor_{a:02d}" for a in (3, 4, 6)]
+    serial = np.concatenate([load_actor_speech(d, AudioFrontEnd("logmel", 8), None) for d in dirs])
+    (tmp_path / "warm").mkdir()
+    load_actor_speech(dirs[0], AudioFrontEnd("logmel", 8), tmp_path / "warm")  # one already cached
+    parallel = speech_of_actors(dirs, "logmel", 8, tmp_path / "warm")
+    np.testing.assert_array_equal(parallel, serial)
+    assert len(list((tmp_path / "warm").glob("*.npz"))) == 3
 
 
 def test_bad_root_says_what_layout_is_expected(tmp_path) -> None:
