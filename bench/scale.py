@@ -86,6 +86,8 @@ class ScaleResult:
     wall_s: float = 0.0
     command: str = ""
     log_tail: str = ""  # the run's last output lines when it failed
+    #: (seconds since launch, tree GiB, driver GiB, rounds written) every sample: where memory goes
+    samples: list[tuple[float, float, float, int]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -170,14 +172,18 @@ def measure(clients: int, args: argparse.Namespace, work: Path) -> ScaleResult:
         max_procs = 0
         round1: float | None = None
         at_round: dict[int, float] = {}
+        samples: list[tuple[float, float, float, int]] = []
         while proc.poll() is None:
             procs = _tree(root)
             seen.extend(p for p in procs if p not in seen)
             tree = _rss(procs)
             peak_tree = max(peak_tree, tree)
-            peak_driver = max(peak_driver, _rss(procs[:1]))
+            driver = _rss(procs[:1])
+            peak_driver = max(peak_driver, driver)
             max_procs = max(max_procs, len(procs))
             rows = _rows(out_dir)
+            now = round(time.monotonic() - start, 1)
+            samples.append((now, round(tree / GIB, 3), round(driver / GIB, 3), len(rows)))
             for row in rows:
                 at_round.setdefault(int(row["round"]), round(tree / GIB, 3))
             if round1 is None and any(int(r["round"]) == 1 for r in rows):
@@ -220,6 +226,7 @@ def measure(clients: int, args: argparse.Namespace, work: Path) -> ScaleResult:
         wall_s=round(wall, 1),
         command=" ".join(["python", *cmd[1:-1]]),
         log_tail=tail,
+        samples=samples,
     )
 
 
@@ -391,7 +398,8 @@ def main(argv: list[str] | None = None) -> list[ScaleResult]:
     for line in targets(results):
         print(line)
     args.out.mkdir(parents=True, exist_ok=True)
-    fields = [k for k in asdict(results[0]) if k not in ("round_s", "tree_gb_at_round", "log_tail")]
+    lists = ("round_s", "tree_gb_at_round", "log_tail", "samples")
+    fields = [k for k in asdict(results[0]) if k not in lists]
     with open(args.out / f"scale{args.tag}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -252,17 +252,19 @@ def write_run_bundle(
 ) -> Path | None:
     """End of a run: write its bundle; never fails the run (a warning says why it was skipped).
 
-    The layout is read from the run's test split, which the ServerApp has already loaded in
-    this process (``load_split`` is cached), so this costs no data loading there. A state dict
-    that is not a FedMER network (a stand-in in tests) is skipped without loading anything.
+    The layout is read from the run's held-out set, which the ServerApp has already loaded in
+    this process (``load_test_set`` is cached), so this costs no data loading there (and never
+    builds the training pool: at 10,000 clients that cost 15 s and 1.8 GB at the end of a run).
+    A state dict that is not a FedMER network (a stand-in in tests) is skipped without loading
+    anything.
     """
-    from fedmer.data.registry import load_split
+    from fedmer.data.registry import load_test_set
 
     if not any(k.startswith("encoders.") for k in state_dict):
         log.debug("state dict is not a FedMER network: no model bundle written")
         return None
     try:
-        test = load_split(cfg).test
+        test = load_test_set(cfg)
         return save_bundle(path, state_dict, bundle_meta(cfg, test, final))
     except (BundleError, ConfigError, OSError, ValueError) as err:
         log.warning("no model bundle written to %s: %s", path, err)
