@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +33,10 @@ from fedmer.data import registry, synthetic
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.partition import partition_clients
 from fedmer.data.synthetic import REFERENCE_SITES, generate_synthetic, synthetic_site, synthetic_test
+from fedmer.edge.bundle import write_run_bundle
 from fedmer.federation import grid as grid_module
 from fedmer.federation.grid import PartitionOrderedGrid, registration_order
+from fedmer.models import build_model_for
 from simulations.flower_patches import flower_patches, poll_once
 
 TINY = DataConfig(persons_per_site=2, test_persons_per_site=1, sequences_per_person=10, seq_len=6)
@@ -255,3 +258,14 @@ def test_flower_patches_fuse_the_config_once_and_restore_flower() -> None:
         assert fused == again == expected and fused is not again  # each node its own copy
         assert vce_api.add_messages_to_queue is not before[0]
     assert (vce_api.add_messages_to_queue, run_info_store.get_fused_config_from_dir) == before
+
+
+def test_the_end_of_a_run_builds_no_training_data(built: list[tuple[int, int]], tmp_path: Path) -> None:
+    """The model bundle written after the last round reads the layout from the held-out set."""
+    cfg = _experiment(10_000)
+    test = registry.load_test_set(cfg)
+    before = set(built)
+    model = build_model_for(cfg, test)
+    path = write_run_bundle(tmp_path / "model.fedmer", cfg, model.state_dict(), {"uar": 0.5})
+    assert path is not None and path.exists()
+    assert set(built) == before, "no person generated after the held-out set"
