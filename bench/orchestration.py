@@ -47,7 +47,7 @@ def _ideal(overrides: list[str], out: Path) -> dict[str, Any]:
     from simulations.sequential import SequentialGrid
 
     torch.set_num_threads(1)
-    cfg = compose_experiment([*overrides, f"output.dir={out}"])
+    cfg = compose_experiment(overrides, output_dir=out)
     grid = SequentialGrid(client_app, cfg.federation.num_clients, cfg.to_run_config())
     starts: list[tuple[float, int]] = []  # (time, index into grid.calls) at each train batch
     inner = grid.send_and_receive

@@ -224,3 +224,21 @@ def test_federated_standardisation_is_released_accounted_and_carried_by_the_mode
         history = PrivacyHistory(tuple(zip(ledger["noise"], ledger["rate"], ledger["steps"], strict=True)))
         spent = compute_epsilon(history, 1e-5)
         assert spent <= 8.0 and last["client_epsilons"][str(pid)] == pytest.approx(spent)
+
+
+def test_the_sequential_grid_reproduces_the_ray_simulation(quick_run: Path, tmp_path: Path) -> None:
+    """The one-process yardstick of bench/orchestration.py runs the same client work: same metrics."""
+    from client.app import app as client_app
+    from server.app import run_server
+    from simulations.compose import compose_experiment
+    from simulations.sequential import SequentialGrid
+    from tests.e2e.conftest import QUICK
+
+    cfg = compose_experiment([*QUICK, "seed=7"], output_dir=tmp_path)
+    grid = SequentialGrid(client_app, cfg.federation.num_clients, cfg.to_run_config())
+    run_server(grid, cfg)
+    keys = ("uar", "accuracy", "macro_f1", "loss", "epsilon_max", "confusion", "client_epsilons")
+    for a, b in zip(_rows(quick_run), _rows(tmp_path), strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    trains = [kind for kind, _ in grid.calls if kind.startswith("train")]
+    assert len(trains) == cfg.federation.num_rounds * cfg.federation.clients_per_round
