@@ -73,8 +73,13 @@ class _ConvBlock(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x``: ``(B, C_in, T)`` -> ``(B, C_out, T)``."""
-        return self.act(self.norm(self.conv(x)))
+        """``x``: ``(B, C_in, T)`` -> ``(B, C_out, T)``.
+
+        A one-channel input (a one-feature modality, e.g. Stress-Predict's) makes the convolution
+        return a channels-last tensor, which Opacus' expanded-weights GroupNorm refuses; made
+        contiguous here (a no-op for every other input).
+        """
+        return self.act(self.norm(self.conv(x).contiguous()))
 
 
 class TCNEncoder(nn.Module):

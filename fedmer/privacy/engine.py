@@ -23,7 +23,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedmer.config import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES
+from fedmer.config import GRAD_SAMPLE_MODES
 
 __all__ = [
     "DPSetup",
@@ -238,13 +238,15 @@ def make_private(
     max_grad_norm: float,
     history: PrivacyHistory,
     accountant: str = "rdp",
-    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+    grad_sample_mode: str = "hooks",
 ) -> DPSetup:
     """Wrap model, optimizer and loader for DP-SGD with Poisson sampling, resuming ``history``.
 
     ``grad_sample_mode`` picks how Opacus computes per-sample gradients (one of
     ``GRAD_SAMPLE_MODES``); expanded weights ("ew") and functorch see only what runs inside
-    the wrapped module's forward, so the loss must be computed through it.
+    the wrapped module's forward, so the loss must be computed through it (``train_local``
+    wraps ``SampleLosses``, and passes the configured mode). The default is hooks, which also
+    serves a caller that wraps a bare network and computes its loss outside the wrapper.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         valid = ", ".join(GRAD_SAMPLE_MODES)

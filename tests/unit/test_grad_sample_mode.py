@@ -39,18 +39,19 @@ from fedmer.training.local import DPSGD, train_local
 from fedmer.training.loops import SampleLosses, batch_losses, make_loader
 
 FAST_MODES = [m for m in GRAD_SAMPLE_MODES if m != "hooks"]
-#: Model families as (encoder, fusion, aux_loss, intensity_weight): every layer type the models use.
-FAMILIES = {
-    "attention": ("tcn", "attention", "none", 0.0),
-    "late": ("tcn", "late", "none", 0.0),
-    "coattention": ("tcn", "coattention", "none", 0.0),
-    "memocmt": ("tcn", "transformer", "none", 0.0),
-    "mhlt": ("tcn", "gated", "none", 0.5),
-    "dcca": ("tcn", "concat", "cca", 0.0),
-    "joyful": ("tcn", "attention", "contrastive", 0.0),
-    "gru": ("gru", "attention", "none", 0.0),
-    "tzirakis": ("crnn", "attention", "none", 0.0),
-    "functionals": ("functionals", "concat", "none", 0.0),
+#: The model families (configs/model/) and modality dropout: every layer type the models use.
+FAMILIES: dict[str, dict[str, object]] = {
+    "attention": {},
+    "late": {"fusion": "late"},
+    "coattention": {"fusion": "coattention"},
+    "memocmt": {"fusion": "transformer"},
+    "mhlt": {"fusion": "gated", "intensity_weight": 0.5},
+    "dcca": {"fusion": "concat", "aux_loss": "cca"},
+    "joyful": {"aux_loss": "contrastive"},
+    "gru": {"encoder": "gru"},
+    "tzirakis": {"encoder": "crnn"},
+    "functionals": {"encoder": "functionals", "fusion": "concat"},
+    "modality_dropout": {"modality_dropout": 0.3},
 }
 
 
@@ -107,9 +108,23 @@ def test_empty_poisson_batches_take_hooks_pure_noise_step(data: MultimodalDatase
 def test_every_model_family_takes_hooks_update_with_expanded_weights(
     data: MultimodalDataset, family: str
 ) -> None:
-    encoder, fusion, aux, intensity = FAMILIES[family]
-    model = ModelConfig(encoder=encoder, fusion=fusion, aux_loss=aux, intensity_weight=intensity, hidden=16)
+    model = ModelConfig(**{"hidden": 16, **FAMILIES[family]})  # type: ignore[arg-type]
     _assert_same_update("ew", replace(ExperimentConfig(), model=model), data, 1.0, batch=16)
+
+
+@pytest.mark.parametrize("encoder", ["tcn", "gru", "crnn"])
+def test_a_one_feature_modality_takes_hooks_update_with_expanded_weights(encoder: str) -> None:
+    """Stress-Predict's layout: a one-channel convolution hands GroupNorm a channels-last tensor."""
+    g = torch.Generator().manual_seed(0)
+    n = 48
+    data = MultimodalDataset(
+        x=torch.randn(n, 12, 4, generator=g).numpy(), mask=torch.ones(n, 2, dtype=torch.bool).numpy(),
+        y=torch.randint(0, 2, (n,), generator=g).numpy(), person=torch.arange(n).numpy(),
+        site=torch.zeros(n, dtype=torch.int64).numpy(), modalities=("speech", "physio"),
+        feature_slices=((0, 1), (1, 4)), class_names=("a", "b"),
+    )  # fmt: skip
+    cfg = replace(ExperimentConfig(), model=ModelConfig(encoder=encoder, hidden=8))
+    _assert_same_update("ew", cfg, data, 1.0, batch=16)
 
 
 def test_an_empty_batch_sets_empty_grad_samples_and_no_forward(data: MultimodalDataset) -> None:
