@@ -43,11 +43,11 @@ import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import re
+import subprocess
+import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,7 @@ __all__ = [
     "read_face_features",
     "resolve_root",
     "speech_of_actors",
+    "transform_face",
 ]
 
 _log = logging.getLogger(__name__)
@@ -161,28 +162,36 @@ def _cache_path(folder: Path, frontend: SpeechFrontEnd, cache_dir: Path) -> Path
     return cache_dir / f"{_cache_key(folder, files, frontend)}.npz"
 
 
-def _extract_into_cache(job: tuple[str, str, int, str]) -> None:
-    """One actor's features into the cache, in a worker process (arguments that pickle)."""
-    folder, kind, seq_len, cache_dir = job
-    load_actor_speech(Path(folder), build_audio_frontend(kind, seq_len), Path(cache_dir))
-
-
 def speech_of_actors(actor_dirs: list[Path], kind: str, seq_len: int, cache_dir: Path) -> np.ndarray:
     """Every actor's speech features, in order; actors not cached yet are extracted on every core.
 
     openSMILE and the numpy front-ends run one clip at a time on one core; a cold cache of 24
-    actors took 278 s for eGeMAPS here. The workers only fill the cache (the files are written
-    atomically); this process then reads every actor from it as a warm run would.
+    actors took 278 s for eGeMAPS here. The workers (``fedmer.data.feature_worker``, one
+    process per core) only fill the cache, whose files are written atomically; this process
+    then reads every actor from it. A worker that fails is logged, and its actors are computed
+    here, where a damaged file raises its usual error.
     """
     frontend = build_audio_frontend(kind, seq_len)
     cold = [d for d in actor_dirs if not _cache_path(d, frontend, cache_dir).is_file()]
     workers = min(len(cold), len(os.sched_getaffinity(0)))
     if workers > 1:
         _log.info("extracting %s features of %d actors on %d processes", kind, len(cold), workers)
-        jobs = [(str(d), kind, seq_len, str(cache_dir)) for d in cold]
-        # spawn, not fork: the caller may hold threads (Ray, torch) that fork would copy mid-lock
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_extract_into_cache, jobs))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "fedmer.data.feature_worker", kind, str(seq_len), str(cache_dir)]
+                + [str(d) for d in cold[i::workers]],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(workers)
+        ]
+        for proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                _log.warning("a feature worker failed (rc %d): %s", proc.returncode, err.strip()[-500:])
     return np.concatenate([load_actor_speech(d, frontend, cache_dir) for d in actor_dirs])
 
 
@@ -213,6 +222,26 @@ def load_actor_speech(folder: Path, frontend: SpeechFrontEnd, cache_dir: Path | 
         except OSError as err:
             _log.warning("cannot write the feature cache %s (%s); continuing without it", path.parent, err)
     return x
+
+
+#: Added to both sides of the log-odds so that 0 and 1 stay finite (log(0.01/1.01) = -4.6).
+FACE_LOGODDS_EPS = 0.01
+
+
+def transform_face(values: np.ndarray, kind: str) -> np.ndarray:
+    """``data.face_transform``: the scaled face numbers as they are, or on the log-odds scale.
+
+    Every face number is a probability, an intensity or a scaled openness in [0, 1]; most sit
+    near 0, where a linear scale crowds differences that matter (0.01 vs 0.1) into a spread of
+    0.03 that DP-SGD's noise drowns. Log-odds spread them to units. It looks at no data: the
+    same fixed map for every clip, so it costs no privacy and needs no statistics release.
+    """
+    if kind == "none":
+        return values
+    if kind != "logodds":
+        raise ConfigError(f"invalid data.face_transform={kind!r}: expected none or logodds")
+    q = np.clip(values, 0.0, 1.0)
+    return np.log((q + FACE_LOGODDS_EPS) / (1.0 + FACE_LOGODDS_EPS - q)).astype(np.float32)
 
 
 def read_face_features(path: Path, clip_ids: set[str]) -> dict[str, np.ndarray]:
@@ -291,7 +320,7 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
         rows = read_face_features(folder / "face_features.csv", set(ids))
         for k, clip in enumerate(ids):
             if clip in rows:
-                face[k], has_face[k] = rows[clip], True
+                face[k], has_face[k] = transform_face(rows[clip], cfg.face_transform), True
     parts = {"speech": (speech, np.ones(len(ids), bool)), "face": (face[:, None, :], has_face)}
     widths = [parts[m][0].shape[2] for m in modalities]
     bounds = np.cumsum([0, *widths])

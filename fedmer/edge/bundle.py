@@ -141,6 +141,7 @@ def frontend_settings(cfg: ExperimentConfig, modalities: Sequence[str]) -> dict[
                 "type": "face_csv",
                 "columns": list(FACE_FEATURES),
                 "scaling": "mouth_openness_* / 100; others as given; constant over frames",
+                "transform": cfg.data.face_transform,  # data.face_transform (logodds: log((q+.01)/(1.01-q)))
             }
         elif m == "text":
             out[m] = {"type": "text", "encoder": cfg.data.text_encoder}

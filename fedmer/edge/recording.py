@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from fedmer.data.audio_features import SAMPLE_RATE, SpeechFrontEnd, build_audio_frontend, read_flac
-from fedmer.data.ravdess import CLASS_NAMES, N_ACTORS, expected_clip_ids, parse_clip_id, read_face_features
+from fedmer.data.ravdess import (
+    CLASS_NAMES,
+    N_ACTORS,
+    expected_clip_ids,
+    parse_clip_id,
+    read_face_features,
+    transform_face,
+)
 from fedmer.edge.bundle import BundleMeta
 
 __all__ = [
@@ -133,7 +140,7 @@ def read_face_row(meta: BundleMeta, csv_path: Path, audio_path: Path) -> np.ndar
             f"{csv_path} has no face features for {audio_path.stem} (expected a row for "
             f"01-{audio_path.stem[3:]}.mp4)"
         )
-    return rows[audio_path.stem]
+    return transform_face(rows[audio_path.stem], str(meta.data.get("face_transform", "none")))
 
 
 def pack(

@@ -39,6 +39,7 @@ __all__ = [
     "Fusion",
     "GatedFusion",
     "LateFusion",
+    "SumFusion",
     "build_fusion",
 ]
 
@@ -59,6 +60,28 @@ class ConcatFusion(Fusion):
         present = present_of(mask)
         z = zero_absent(h, present).flatten(1)
         return self.head(torch.cat([z, present.to(h.dtype)], dim=1))
+
+
+class SumFusion(Fusion):
+    """Logit-level fusion: each present modality's embedding *is* its logits; they are summed.
+
+    With linear encoders the network is one softmax regression over the concatenated features
+    of the present modalities (a product of experts; an absent modality adds nothing). The
+    encoders' width is the output count (:attr:`embeds_logits`), whatever ``model.hidden`` says.
+    """
+
+    #: build_model gives the encoders ``num_outputs`` columns instead of ``model.hidden``
+    embeds_logits = True
+
+    def __init__(self, num_modalities: int, hidden: int, num_outputs: int) -> None:
+        super().__init__(num_modalities, hidden, num_outputs)
+        if hidden != num_outputs:
+            raise ValueError(f"sum fusion needs embeddings of width {num_outputs} (the logits), got {hidden}")
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        # No parameter of its own (each encoder's bias is its modality's intercept): Opacus has
+        # per-sample gradients for nn.Linear, not for a bare parameter on a two-input module.
+        return zero_absent(h, present_of(mask)).sum(dim=1)
 
 
 class AttentionFusion(Fusion):
@@ -127,6 +150,7 @@ for _name, _factory in (
     ("concat", ConcatFusion),
     ("attention", AttentionFusion),
     ("late", LateFusion),
+    ("sum", SumFusion),
     ("coattention", CoAttentionFusion),
     ("transformer", CrossModalTransformerFusion),
     ("gated", GatedFusion),

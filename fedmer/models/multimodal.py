@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fedmer.config import ConfigError, ModelConfig
 from fedmer.data.feature_stats import FeatureStats
 from fedmer.models.encoders import build_encoder
-from fedmer.models.fusion import Fusion, build_fusion
+from fedmer.models.fusion import FUSIONS, Fusion, build_fusion
 from fedmer.models.fusion_base import present_of
 from fedmer.models.objectives import AuxObjective, build_aux_objective, intensity_loss
 from fedmer.models.standardizer import InputStandardizer
@@ -249,13 +249,15 @@ def build_model(
         )
     k = intensity_classes if intensity_weight > 0 else 0
     names = list(modalities) if modalities is not None else [None] * len(feature_slices)
+    # a fusion that sums logits (``sum``) takes embeddings as wide as its output
+    width = num_classes + k if getattr(FUSIONS.get(cfg.fusion), "embeds_logits", False) else cfg.hidden
     encoders = [
-        build_encoder(cfg.encoder, b - a, cfg.hidden, modality=m)
+        build_encoder(cfg.encoder, b - a, width, modality=m)
         for (a, b), m in zip(feature_slices, names, strict=True)
     ]
     m = len(feature_slices)
-    fusion = build_fusion(cfg.fusion, m, cfg.hidden, num_classes + k)
-    aux = build_aux_objective(cfg.aux_loss, m, cfg.hidden, num_classes)
+    fusion = build_fusion(cfg.fusion, m, width, num_classes + k)
+    aux = build_aux_objective(cfg.aux_loss, m, width, num_classes)
     model = MultimodalEmotionNet(
         encoders,
         fusion,
@@ -275,7 +277,7 @@ def build_model(
         cfg.aux_loss,
         k,
         m,
-        cfg.hidden,
+        width,
         num_classes,
         count_parameters(model),
     )

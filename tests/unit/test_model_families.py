@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:Use
 SLICES: tuple[tuple[int, int], ...] = ((0, 6), (6, 10), (10, 12), (12, 16))
 NUM_F, NUM_M, NUM_C, NUM_K, T = 16, 4, 3, 2, 8
 #: The yaml of each family under configs/model/ (feature_fusion = concat, decision = late).
-FAMILIES = ["tzirakis", "dcca", "coattention", "memocmt", "mhlt", "joyful", "concat", "late"]
+FAMILIES = ["tzirakis", "dcca", "coattention", "memocmt", "mhlt", "joyful", "concat", "late", "linear"]
 NEW_FUSIONS = ["coattention", "transformer", "gated"]
 
 
