@@ -9,15 +9,16 @@ FedMER trains (``make_private`` over ``SampleLosses``, the loss computed through
 ``ghost`` is not one FedMER accepts (it needs Opacus' own loss wrapper) and is timed through
 Opacus directly, as it fails on the model and, separately, with the failing index made contiguous.
 
-Steps are interleaved (one of each mode per round, so a busy machine slows all alike), on one
-torch thread as the ClientApp runs (``fedmer.federation.node.node_of``), the first rounds left out
-as warm-up; the table gives each mode's median step, its forward / backward / optimizer-step
-split, and the ratio to the non-private step (the median over rounds of the two steps' ratio in
-the same round). A second table times a whole local round (``train_local``: Opacus' setup,
-Poisson loader, the default 2 epochs) per mode accepted by ``privacy.grad_sample_mode``.
+Modes are interleaved (each round runs a few consecutive steps of every mode in turn, so a busy
+machine slows all alike), on one torch thread as the ClientApp runs
+(``fedmer.federation.node.node_of``), the first round left out as warm-up; the table gives each
+mode's median step, its forward / backward / optimizer-step split, and the ratio to the
+non-private step (the median over rounds of the two modes' median steps in the same round).
+A second table times a whole local round (``train_local``: Opacus' setup, Poisson loader, the
+default 2 epochs) per mode accepted by ``privacy.grad_sample_mode``.
 
     .venv/bin/python -m bench.dp_step                 # ~2 minutes; bench/results/dp_step.json
-    .venv/bin/python -m bench.dp_step --rounds 40 --local-rounds 3
+    .venv/bin/python -m bench.dp_step --rounds 6 --local-rounds 3   # quicker, noisier
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -151,9 +153,14 @@ def _batches(data: MultimodalDataset, batch_size: int, count: int) -> list[tuple
 
 
 def time_steps(
-    cfg: ExperimentConfig, data: MultimodalDataset, noise: float, rounds: int, warmup: int
+    cfg: ExperimentConfig, data: MultimodalDataset, noise: float, rounds: int, block: int, warmup: int
 ) -> tuple[dict[str, dict], dict[str, str]]:
-    """Per mode: median step and phase times (ms) and the ratio to the non-private step; and failures."""
+    """Per mode: median step and phase times (ms) and the ratio to the non-private step; and failures.
+
+    Each round runs ``block`` consecutive steps of each mode in turn (as training runs them: one
+    model's steps back to back, its per-sample gradients warm in cache); the ratio is the median
+    over rounds of the mode's median step over the non-private median step of the same round.
+    """
     steppers: list[Stepper] = [_plain(cfg, data)]
     failed: dict[str, str] = {}
     batches = _batches(data, cfg.federation.batch_size, 4)
@@ -169,13 +176,15 @@ def time_steps(
         except Exception as err:
             failed[mode] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
     times: dict[str, list[tuple[float, float, float]]] = {s.name: [] for s in steppers}
+    per_round: dict[str, list[float]] = {s.name: [] for s in steppers}
     for r in range(warmup + rounds):
         for s in steppers:
-            phases = s.step(batches[r % len(batches)])
+            block_times = [s.step(batches[i % len(batches)]) for i in range(block)]
             if r >= warmup:
-                times[s.name].append(phases)
+                times[s.name].extend(block_times)
+                per_round[s.name].append(statistics.median(sum(p) for p in block_times))
     totals = {name: [sum(p) for p in v] for name, v in times.items()}
-    base = totals[NON_PRIVATE]
+    base = per_round[NON_PRIVATE]
     out = {}
     for name, v in times.items():
         out[name] = {
@@ -184,7 +193,7 @@ def time_steps(
             "forward_ms": 1e3 * statistics.median(p[0] for p in v),
             "backward_ms": 1e3 * statistics.median(p[1] for p in v),
             "optimizer_ms": 1e3 * statistics.median(p[2] for p in v),
-            "ratio": statistics.median(t / b for t, b in zip(totals[name], base, strict=True)),
+            "ratio": statistics.median(t / b for t, b in zip(per_round[name], base, strict=True)),
         }
     return out, failed
 
@@ -228,11 +237,13 @@ def time_local_rounds(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=60, help="timed steps per mode (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=5, help="steps per mode left out first")
-    parser.add_argument("--local-rounds", type=int, default=5, help="timed train_local calls per mode")
+    parser.add_argument("--rounds", type=int, default=12, help="timed rounds (after warm-up)")
+    parser.add_argument("--block", type=int, default=5, help="consecutive steps of each mode per round")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds left out first")
+    parser.add_argument("--local-rounds", type=int, default=7, help="timed train_local calls per mode")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    given = list(argv) if argv is not None else sys.argv[1:]
+    args = parser.parse_args(given)
     warnings.filterwarnings("ignore")  # Opacus' secure-RNG advice, hooks on input layers
     torch.set_num_threads(THREADS)
     cfg = compose_experiment([])  # what `make run` composes from configs/
@@ -244,8 +255,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"client 0: {len(data)} samples, batch {cfg.federation.batch_size}, noise {noise:.3f}; "
         f"torch {torch.__version__} ({THREADS} thread), opacus {opacus.__version__}"
     )
-    steps, failed = time_steps(cfg, data, noise, args.rounds, args.warmup)
-    print(f"\none optimisation step, median of {args.rounds} interleaved steps after {args.warmup} warm-up")
+    steps, failed = time_steps(cfg, data, noise, args.rounds, args.block, args.warmup)
+    print(
+        f"\none optimisation step: {args.rounds} rounds of {args.block} consecutive steps per mode, "
+        f"interleaved, after {args.warmup} warm-up round(s); medians"
+    )
     print(f"{'mode':<12} {'ms/step':>8} {'p25-p75':>13} {'fwd':>7} {'bwd':>7} {'opt':>7} {'ratio':>6}")
     for name, r in steps.items():
         lo, hi = r["ms_p25_p75"]
@@ -265,8 +279,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.write_text(
         json.dumps(
             {
-                "command": "python -m bench.dp_step",
+                "command": " ".join(["python -m bench.dp_step", *given]),
                 "rounds": args.rounds,
+                "block": args.block,
                 "warmup": args.warmup,
                 "threads": THREADS,
                 "model": f"{cfg.model.encoder}/{cfg.model.fusion}",
