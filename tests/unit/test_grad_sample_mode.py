@@ -51,6 +51,7 @@ FAMILIES: dict[str, dict[str, object]] = {
     "gru": {"encoder": "gru"},
     "tzirakis": {"encoder": "crnn"},
     "functionals": {"encoder": "functionals", "fusion": "concat"},
+    "linear": {"encoder": "functionals_linear", "fusion": "sum"},
     "modality_dropout": {"modality_dropout": 0.3},
 }
 
