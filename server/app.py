@@ -22,6 +22,7 @@ from fedmer.config import ExperimentConfig
 from fedmer.data.registry import check_partitions, load_test_set
 from fedmer.federation.grid import PartitionOrderedGrid
 from fedmer.federation.resume import restore_rng, restore_server, round_checkpoint
+from fedmer.federation.sampling import own_sampler
 from fedmer.federation.statistics import standardize_model
 from fedmer.federation.strategies import build_strategy
 from fedmer.models import build_model_for
@@ -49,7 +50,12 @@ app = ServerApp()
 
 def run_server(grid: Grid, cfg: ExperimentConfig, run_id: int = 0) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid``; return the summary (also written to disk)."""
-    random.seed(cfg.seed)  # Flower's samplers use the module-level `random`
+    with own_sampler(cfg.seed):  # Flower's client sampling on a stream that Ray does not draw from
+        return _run_server(grid, cfg, run_id)
+
+
+def _run_server(grid: Grid, cfg: ExperimentConfig, run_id: int) -> dict[str, Any]:
+    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     test = load_test_set(cfg)  # a fixed-size held-out set: no client's training data is built here
     sizes = check_partitions(cfg)  # counted, not built, where the dataset builds sites alone

@@ -22,6 +22,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import strategy as fs
 
+from fedmer.federation.sampling import SAMPLER
 from fedmer.federation.strategies import AccountedStrategy
 from fedmer.results.checkpoint import RoundCheckpoint
 from fedmer.results.rounds import RoundReport
@@ -125,10 +126,11 @@ def restore_strategy_state(strategy: fs.Strategy, state: dict[str, Any]) -> None
 
 
 def capture_rng() -> dict[str, Any]:
-    """Python's, NumPy's and torch's global generator states (plain values and a tensor)."""
+    """Python's, NumPy's and torch's global generator states, and Flower's sampler's (plain values)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
     return {
         "python": random.getstate(),
+        "sampler": SAMPLER.getstate(),
         "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
@@ -138,6 +140,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     """Undo :func:`capture_rng`: the next sample is the one the interrupted run would have drawn."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    # a checkpoint from before the sampler had its own stream sampled from Python's global one
+    version, internal, gauss = state.get("sampler", state["python"])
+    SAMPLER.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])

@@ -9,6 +9,7 @@ structure that removes those costs, without timing anything.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,8 @@ from flwr.proto.task_pb2 import Task
 from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
 from flwr.server.superlink.linkstate import LinkStateFactory
 from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.serverapp.strategy import strategy_utils
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run
@@ -36,6 +39,8 @@ from fedmer.data.synthetic import REFERENCE_SITES, generate_synthetic, synthetic
 from fedmer.edge.bundle import write_run_bundle
 from fedmer.federation import grid as grid_module
 from fedmer.federation.grid import PartitionOrderedGrid, registration_order
+from fedmer.federation.resume import capture_rng, restore_rng
+from fedmer.federation.sampling import SAMPLER, own_sampler
 from fedmer.models import build_model_for
 from simulations.flower_patches import flower_patches, poll_once
 
@@ -269,3 +274,30 @@ def test_the_end_of_a_run_builds_no_training_data(built: list[tuple[int, int]], 
     path = write_run_bundle(tmp_path / "model.fedmer", cfg, model.state_dict(), {"uar": 0.5})
     assert path is not None and path.exists()
     assert set(built) == before, "no person generated after the held-out set"
+
+
+def test_a_seed_samples_the_same_clients_whatever_else_draws_from_pythons_random() -> None:
+    """Ray draws from the module-level ``random`` while round 1 is sampled; the sampler does not care."""
+    inner, _ = _simulated_grid(50)
+    grid = PartitionOrderedGrid(inner, expected=50)
+    with own_sampler(3):
+        quiet = [sample_nodes(grid, 0, 5)[0] for _ in range(3)]
+    with own_sampler(3):
+        busy = []
+        for _ in range(3):
+            random.getrandbits(8)  # as ray.init does, from another thread, at any moment
+            busy.append(sample_nodes(grid, 0, 5)[0])
+    assert busy == quiet and strategy_utils.random is random
+
+
+def test_a_checkpoint_carries_the_samplers_state() -> None:
+    with own_sampler(11):
+        SAMPLER.random()
+        saved = capture_rng()
+        expected = [SAMPLER.random() for _ in range(3)]
+        SAMPLER.seed(99)
+        restore_rng(saved)
+        assert [SAMPLER.random() for _ in range(3)] == expected
+        old = {k: v for k, v in saved.items() if k != "sampler"}  # written before the sampler existed
+        restore_rng(old)
+        assert SAMPLER.getstate() == random.getstate()
