@@ -228,20 +228,26 @@ def test_synthetic_data_carries_balanced_intensity_labels() -> None:
 
 
 def test_intensity_is_learned_and_reported_in_federated_training_path() -> None:
-    """make_loader carries intensity labels, train_epochs uses them, evaluate_model reports them."""
-    data = generate_synthetic(DataConfig(persons_per_site=3, sequences_per_person=40), 2, 0).train
-    # weight 3: the intensity cue is weaker than the emotion cue in the per-site generator (61b338d)
+    """make_loader carries intensity labels, train_epochs uses them, evaluate_model reports them.
+
+    The synthetic intensity cue is weak next to the emotion cue (one seed's run lands anywhere
+    from 0.54 to 0.73 here), so the test reads the mean of three seeds (chance 0.5).
+    """
+    data = generate_synthetic(DataConfig(persons_per_site=4, sequences_per_person=60), 2, 0).train
     cfg = ExperimentConfig(model=ModelConfig(fusion="gated", intensity_weight=3.0, hidden=16))
-    torch.manual_seed(0)
-    model = build_model_for(cfg, data)
-    assert evaluate_model(model, data)["intensity_labelled"] == len(data)
-    loader = make_loader(data, 32, seed=0)
-    assert len(next(iter(loader))) == 4
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    train_epochs(model, loader, optimizer, 12)
-    report = evaluate_model(model, data)
-    assert report["intensity_uar"] > 0.6, report["intensity_uar"]  # chance 0.5; strength scales the signal
-    assert {"intensity_accuracy", "intensity_macro_f1"} <= set(report)
+    scores = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build_model_for(cfg, data)
+        assert evaluate_model(model, data)["intensity_labelled"] == len(data)
+        loader = make_loader(data, 32, seed=seed)
+        assert len(next(iter(loader))) == 4
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        train_epochs(model, loader, optimizer, 12)
+        report = evaluate_model(model, data)
+        assert {"intensity_accuracy", "intensity_macro_f1"} <= set(report)
+        scores.append(report["intensity_uar"])
+    assert sum(scores) / len(scores) > 0.6, scores
     plain = build_model_for(ExperimentConfig(model=ModelConfig(hidden=16)), data)
     assert not any(k.startswith("intensity") for k in evaluate_model(plain, data))
 
