@@ -5,7 +5,7 @@ kind, Hydra overrides). ``federated`` is a Flower simulation (``python -m simula
 subprocess: a fresh process and a log per run), ``centralised`` the same model without
 federation or DP on the pooled client data (``fedmer.training.centralized``), ``logistic
 regression`` the RAVDESS reference of ``bench.ravdess_reference`` on the run's own split; all
-are scored on the same held-out persons. ``--only`` picks groups (default abcde); what they
+are scored on the same held-out persons. ``--only`` picks groups (default abcdef); what they
 are (also the plan's group headers), and what the columns mean: ``docs/results.md``.
 
 Each run's folder is ``outputs/real_data/<run id>-seed<s>/``; a run whose result file exists is
@@ -13,7 +13,7 @@ not repeated, so the script resumes where it stopped. Rows go to
 ``bench/results/real_data_results.csv``, which is also the tables' source (``--tables`` adds
 finished runs on disk that it lacks), and the tables to ``bench/results/real_data_results.md``.
 
-    nice -n 19 .venv/bin/python -m bench.real_data_results [--only abcde] [--seeds 0 1 2] [--match ID]
+    nice -n 19 .venv/bin/python -m bench.real_data_results [--only abcdef] [--seeds 0 1 2] [--match ID]
     nice -n 19 .venv/bin/python -m bench.real_data_results --plan     # print the plan, run nothing
     nice -n 19 .venv/bin/python -m bench.real_data_results --tables   # rewrite the tables only
 """
@@ -253,7 +253,7 @@ def write_tables(rows: list[Row]) -> None:
             "; ".join(sorted({str(x["noise_multiplier"]) for x in same})),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    main_groups = [r for r in rows if r["group"] in "abcdesg"]  # not the tuning (t) nor hashed MELD (m)
+    main_groups = [r for r in rows if r["group"] in "abcdefsg"]  # not the tuning (t) nor hashed MELD (m)
     pivot = pivot_table(main_groups, ("dataset", "setting"), pivot_column, [*PIVOT.values()], "uar")
     MD_PATH.write_text("\n".join([*lines, "", *pivot]) + "\n")
 
@@ -261,7 +261,7 @@ def write_tables(rows: list[Row]) -> None:
 def main() -> None:
     """Run the selected part of the plan (or print it, or only rewrite the tables)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="groups, e.g. 'ab' (default abcde to run, every group with --plan)")
+    parser.add_argument("--only", help="groups, e.g. 'ab' (default abcdef to run, every group with --plan)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
     parser.add_argument("--match", default="", help="only runs whose id contains this (e.g. 360-av)")
     parser.add_argument("--plan", "--list", action="store_true", help="print the selected runs, run nothing")
@@ -272,7 +272,7 @@ def main() -> None:
     if args.tables:
         write_tables(collect(plan))
         return
-    groups = args.only or ("".join(r.group for r in plan) if args.plan else "abcde")
+    groups = args.only or ("".join(r.group for r in plan) if args.plan else "abcdef")
     runs = [r for r in plan if r.group in groups and args.match in r.id]
     if args.plan:
         for r in runs:
