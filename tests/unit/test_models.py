@@ -186,15 +186,17 @@ def test_seeded_build_is_deterministic(encoder: str, fusion: str) -> None:
 def test_parameter_budget(encoder: str, fusion: str) -> None:
     """Small on purpose: DP-SGD noise norm grows with sqrt(#params); crnn + cross-modal fusion is largest."""
     n = count_parameters(_model(encoder, fusion, hidden=32))
-    low = 2_000 if encoder == "functionals" else 10_000  # per-clip functionals: one linear map per modality
+    low = 2_000 if encoder.startswith("functionals") else 10_000  # functionals: one linear map per modality
+    if fusion == "sum":  # logit-summing fusion: encoders as wide as the classes, model.hidden unused
+        low = 200
     assert low <= n <= 50_000, n
 
 
 def test_unknown_names_list_valid_ones() -> None:
-    with pytest.raises(ConfigError, match="crnn, functionals, gru, tcn"):
+    with pytest.raises(ConfigError, match="crnn, functionals, functionals_linear, gru, tcn"):
         build_encoder("lstm", 4, 8)
-    with pytest.raises(ConfigError, match="attention, coattention, concat, gated, late, transformer"):
-        build_fusion("sum", 2, 8, 3)
+    with pytest.raises(ConfigError, match="attention, coattention, concat, gated, late, sum, transformer"):
+        build_fusion("bilinear", 2, 8, 3)
     bad = types.SimpleNamespace(**{**dataclasses.asdict(ModelConfig(hidden=8)), "fusion": "bilinear"})
     with pytest.raises(ConfigError, match=r"model\.fusion"):
         build_model(bad, SLICES, NUM_C)  # type: ignore[arg-type]
