@@ -66,22 +66,30 @@ class Stepper:
     step: Callable[[Sequence[torch.Tensor]], tuple[float, float, float]]
 
 
-def _plain(cfg: ExperimentConfig, data: MultimodalDataset) -> Stepper:
-    torch.manual_seed(cfg.seed)
-    model = build_model_for(cfg, data).train()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.federation.lr, momentum=MOMENTUM)
+def _timed_step(
+    module: torch.nn.Module, opt: torch.optim.Optimizer
+) -> Callable[[Sequence[torch.Tensor]], tuple[float, float, float]]:
+    """One step of ``opt`` on ``module``'s mean per-sample loss, timed (forward, backward, optimizer)."""
 
     def step(batch: Sequence[torch.Tensor]) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = batch_losses(model, batch).mean()
+        loss = batch_losses(module, batch).mean()
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
         opt.step()
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    return Stepper(NON_PRIVATE, step)
+    return step
+
+
+def _plain(cfg: ExperimentConfig, data: MultimodalDataset) -> Stepper:
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg, data).train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.federation.lr, momentum=MOMENTUM)
+
+    return Stepper(NON_PRIVATE, _timed_step(model, opt))
 
 
 def _private(cfg: ExperimentConfig, data: MultimodalDataset, mode: str, noise: float) -> Stepper:
@@ -96,17 +104,7 @@ def _private(cfg: ExperimentConfig, data: MultimodalDataset, mode: str, noise: f
     )  # fmt: skip
     wrapped, dp_opt = setup.module, setup.optimizer
 
-    def step(batch: Sequence[torch.Tensor]) -> tuple[float, float, float]:
-        t0 = time.perf_counter()
-        dp_opt.zero_grad(set_to_none=True)
-        loss = batch_losses(wrapped, batch).mean()
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        dp_opt.step()
-        return t1 - t0, t2 - t1, time.perf_counter() - t2
-
-    return Stepper(mode, step)
+    return Stepper(mode, _timed_step(wrapped, dp_opt))
 
 
 def _ghost(cfg: ExperimentConfig, data: MultimodalDataset, noise: float, contiguous: bool) -> Stepper:
