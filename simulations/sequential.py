@@ -13,7 +13,7 @@ run steppable in a debugger.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -98,7 +98,3 @@ class SequentialGrid(Grid):
             reply = Message(error, reply_to=msg)
         self.calls.append((msg.metadata.message_type, time.perf_counter() - t0))
         return reply
-
-    def call_seconds(self) -> Iterator[float]:
-        """Seconds of each recorded ClientApp call."""
-        return (seconds for _, seconds in self.calls)
