@@ -172,7 +172,8 @@ def speech_of_actors(actor_dirs: list[Path], kind: str, seq_len: int, cache_dir:
     here, where a damaged file raises its usual error.
     """
     frontend = build_audio_frontend(kind, seq_len)
-    cold = [d for d in actor_dirs if not _cache_path(d, frontend, cache_dir).is_file()]
+    paths = [_cache_path(d, frontend, cache_dir) for d in actor_dirs]  # each FLAC hashed once
+    cold = [d for d, path in zip(actor_dirs, paths, strict=True) if not path.is_file()]
     workers = min(len(cold), len(os.sched_getaffinity(0)))
     if workers > 1:
         _log.info("extracting %s features of %d actors on %d processes", kind, len(cold), workers)
@@ -192,14 +193,23 @@ def speech_of_actors(actor_dirs: list[Path], kind: str, seq_len: int, cache_dir:
             _, err = proc.communicate()
             if proc.returncode != 0:
                 _log.warning("a feature worker failed (rc %d): %s", proc.returncode, err.strip()[-500:])
-    return np.concatenate([load_actor_speech(d, frontend, cache_dir) for d in actor_dirs])
+    return np.concatenate(
+        [load_actor_speech(d, frontend, cache_file=path) for d, path in zip(actor_dirs, paths, strict=True)]
+    )
 
 
-def load_actor_speech(folder: Path, frontend: SpeechFrontEnd, cache_dir: Path | None = None) -> np.ndarray:
-    """``(60, seq_len, n_features)`` float32 speech features of one actor, in identifier order."""
+def load_actor_speech(
+    folder: Path, frontend: SpeechFrontEnd, cache_dir: Path | None = None, *, cache_file: Path | None = None
+) -> np.ndarray:
+    """``(60, seq_len, n_features)`` float32 speech features of one actor, in identifier order.
+
+    ``cache_file``: its cache file when the caller already keyed it (:func:`_cache_path`).
+    """
     actor = int(folder.name.removeprefix("Actor_"))
     files = _actor_files(folder, actor)
-    path = None if cache_dir is None else cache_dir / f"{_cache_key(folder, files, frontend)}.npz"
+    path = cache_file
+    if path is None and cache_dir is not None:
+        path = cache_dir / f"{_cache_key(folder, files, frontend)}.npz"
     shape = (len(files), frontend.seq_len, frontend.n_features)
     if path is not None and path.is_file():
         try:
