@@ -10,11 +10,13 @@ the accountant history so epsilon accumulates over every round the node joins.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, MetricRecord
 from torch import nn
@@ -26,7 +28,7 @@ from fedmer.privacy.run_noise import local_recipe
 from fedmer.training.local import DPSGD, train_local
 from fedmer.training.loops import TrainResult, seed_everything
 
-__all__ = ["NOISE_SEED_KEY", "RoundOutcome", "round_seed", "train_metrics", "train_round"]
+__all__ = ["NOISE_SEED_KEY", "RoundOutcome", "release_digest", "round_seed", "train_metrics", "train_round"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,31 @@ def round_seed(node: Node, config: ConfigRecord, node_config: Mapping[str, objec
     return seed_everything(base, int(rk.scalar(config, rk.SERVER_ROUND)), node.pid)
 
 
+def release_digest(
+    node: Node, config: ConfigRecord, global_state: Mapping[str, torch.Tensor], seed: int
+) -> str:
+    """SHA-256 of what a round's update is a function of: seed, round config, incoming model, data.
+
+    Two trainings with the same digest compute the same update bit for bit (CPU, one thread),
+    so a resumed run's replay of a charged round is that release again (see
+    :meth:`fedmer.privacy.budget.NodePrivacy.charge`). The node's data is hashed too: the same
+    noise on other data would be a new release.
+    """
+    h = hashlib.sha256(f"seed={seed}".encode())
+    for key in sorted(config):
+        if key != rk.LEDGER_RUN:  # which run is charged does not change the update
+            h.update(f"{key}={config[key]!r};".encode())
+    for name in sorted(global_state):
+        t = global_state[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    data = node.data
+    for arr in (data.x, data.mask, data.y, data.intensity):
+        if arr is not None:
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
 def train_round(
     node: Node,
     context: Context,
@@ -87,7 +114,10 @@ def train_round(
     if p.sample_level:
         noise = recipe.noise_multiplier
         rate, steps = planned_steps(len(node.data), batch, epochs, 1)
-        lifetime = privacy.charge((noise, rate, steps), server_round)  # raises BudgetExceeded
+        # an OS-drawn seed never repeats, so neither does the release: no digest, always charged
+        own_seed = str(context.node_config.get(NOISE_SEED_KEY, "")) == "os"
+        release = "" if own_seed else release_digest(node, config, global_state, seed)
+        lifetime = privacy.charge((noise, rate, steps), server_round, release)  # raises BudgetExceeded
         dp = DPSGD(
             noise,
             p.max_grad_norm,

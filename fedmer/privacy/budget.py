@@ -90,13 +90,20 @@ class NodePrivacy:
             return PrivacyHistory()
         return PrivacyHistory.from_lists(dict(state[rk.PRIVACY_STATE]))
 
-    def charge(self, planned: HistoryEntry, server_round: int) -> float:
+    def charge(self, planned: HistoryEntry, server_round: int, release: str = "") -> float:
         """Check ``planned`` (noise, rate, steps) against the cap, record it; the lifetime epsilon after.
 
         Raises :class:`fedmer.privacy.ledger.BudgetExceeded` when the cap would be passed.
         The node owns its cap: the one in its node config (``epsilon-cap``) or, without one, the
         one stored in its ledger. The run config's ``privacy.budget_cap`` may lower it for this
         run, never raise it; a new ledger without a node cap adopts the run's (simulation).
+
+        ``release`` digests everything the round's output is a function of (seed, incoming
+        model, round config, data; "" when the seed is the OS's and the output cannot repeat).
+        A resumed run that trains a round this run already charged, on the same digest, computes
+        the very same update again, bit for bit: releasing it twice is post-processing of the
+        first release, so it is not charged again (nor accounted twice in this run's history).
+        A different digest (another model, config or seed) is a new release, charged as such.
         """
         p = self.privacy
         owned = node_cap(self.context.node_config)
@@ -108,11 +115,22 @@ class NodePrivacy:
                 "%s: the run asks for an epsilon cap of %g but the node's own cap is %g; the node's holds",
                 self.name, p.budget_cap, ledger.cap,
             )  # fmt: skip
-        if rk.PRIVACY_STATE not in self.context.state:
-            self._resume_history(ledger.entries)
+        fresh = rk.PRIVACY_STATE not in self.context.state
+        replayed = ledger.releases(self.run_tag, server_round, release) if fresh else ()
+        if replayed and tuple(ledger.entries[replayed[-1]][:3]) != tuple(planned):
+            replayed = ()  # same inputs yet another plan: not the same release; charge it
+        if fresh:
+            self._resume_history(e for i, e in enumerate(ledger.entries) if i not in replayed[-1:])
+        if replayed:
+            log.info(
+                "%s: round %d of run %s replays a release already charged (same seed, model, config and "
+                "data: the same update); not charged again, epsilon stays %.3f",
+                self.name, server_round, self.run_tag, ledger.spent(),
+            )  # fmt: skip
+            return ledger.spent()
         cap = min(ledger.cap, p.budget_cap)
         after = replace(ledger, cap=cap).check_budget([planned])
-        ledger = ledger.record([planned], run_id=self.run_tag, server_round=server_round)
+        ledger = ledger.record([planned], run_id=self.run_tag, server_round=server_round, release=release)
         log.info("%s: ledger %s at epsilon %.3f (delta %g, cap %g)", self.name, ledger.path, after, p.delta,
                  cap)  # fmt: skip
         return after

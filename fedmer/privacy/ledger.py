@@ -69,13 +69,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-_READABLE_SCHEMAS = (1, 2)  # 1: before the hash chain; upgraded to 2 on its next write
+SCHEMA_VERSION = 3
+#: 1: before the hash chain; 2: before release digests. Both are upgraded to 3 on their next write.
+_READABLE_SCHEMAS = (1, 2, 3)
 FORMAT = "fedmer-privacy-ledger"
 #: What one unit of privacy protects: epsilon is per sample, not per person or per node.
 UNIT = "one sample of this node's data"
 _ACCOUNTANTS = ("rdp", "prv")
 _COLUMNS = ("noise", "rate", "steps", "run_id", "round")
+#: Schema 3's extra column: each entry's release digest ("" when its release is not reproducible).
+_RELEASE = "release"
 
 
 class LedgerError(ValueError):
@@ -123,13 +126,21 @@ _KEPT_LOCK = threading.Lock()
 
 
 class LedgerEntry(NamedTuple):
-    """One accountant entry plus where it came from."""
+    """One accountant entry plus where it came from.
+
+    ``release`` is a digest of everything that determines what the round released (seed,
+    incoming model, round config, the node's data), set only when that is reproducible (a
+    seed not drawn from the OS): a resumed run that trains the same round on the same inputs
+    releases the very same update again, which costs nothing more (see
+    :meth:`fedmer.privacy.budget.NodePrivacy.charge`). ``""``: a fresh release every time.
+    """
 
     noise: float
     rate: float
     steps: int
     run_id: str
     server_round: int
+    release: str = ""
 
 
 def _now() -> str:
@@ -205,11 +216,16 @@ class PrivacyLedger:
         return after
 
     def record(
-        self, entries: Sequence[tuple[float, float, int]], run_id: str | int, server_round: int
+        self,
+        entries: Sequence[tuple[float, float, int]],
+        run_id: str | int,
+        server_round: int,
+        release: str = "",
     ) -> PrivacyLedger:
         """Append spend that happened and persist it atomically; never refused (it is spent)."""
         new = tuple(
-            LedgerEntry(float(n), float(r), int(s), str(run_id), int(server_round)) for n, r, s in entries
+            LedgerEntry(float(n), float(r), int(s), str(run_id), int(server_round), release)
+            for n, r, s in entries
         )
         for e in new:
             _check_entry(self.path, e)
@@ -229,10 +245,20 @@ class PrivacyLedger:
         )
         return nxt
 
+    def releases(self, run_id: str, server_round: int, release: str) -> tuple[int, ...]:
+        """Indices of this run's entries for ``server_round`` charged for the release ``release``."""
+        if not release:
+            return ()
+        return tuple(
+            i
+            for i, e in enumerate(self.entries)
+            if e.run_id == run_id and e.server_round == server_round and e.release == release
+        )
+
     def to_json(self) -> dict[str, Any]:
-        cols: dict[str, list[Any]] = {c: [] for c in _COLUMNS}
+        cols: dict[str, list[Any]] = {c: [] for c in (*_COLUMNS, _RELEASE)}
         for e in self.entries:
-            for c, v in zip(_COLUMNS, e, strict=True):
+            for c, v in zip((*_COLUMNS, _RELEASE), e, strict=True):
                 cols[c].append(v)
         return {
             "format": FORMAT,
@@ -267,7 +293,9 @@ def _chain(
     if digest is None:
         digest = hashlib.sha256(json.dumps([FORMAT, node, accountant, delta, created]).encode()).hexdigest()
     for e in entries:
-        digest = hashlib.sha256((digest + json.dumps(list(e))).encode()).hexdigest()
+        # an entry without a release digest hashes as in schema 2, so those chains still verify
+        fields = list(e) if e.release else list(e[:5])
+        digest = hashlib.sha256((digest + json.dumps(fields)).encode()).hexdigest()
     return digest
 
 
@@ -358,11 +386,16 @@ def _parse(path: Path, raw: Any) -> PrivacyLedger:
     lengths = {c: len(cols[c]) for c in _COLUMNS}
     if len(set(lengths.values())) != 1:
         raise LedgerError(f"{path}: entry columns differ in length {lengths}: truncated or edited by hand")
+    releases = cols.get(_RELEASE) if raw["schema_version"] >= 3 else [""] * lengths["noise"]
+    if not isinstance(releases, list) or len(releases) != lengths["noise"]:
+        raise LedgerError(f'{path}: the "{_RELEASE}" column must be a list as long as the others')
     entries = []
-    for i, (n, r, s, run, rnd) in enumerate(zip(*(cols[c] for c in _COLUMNS), strict=True)):
+    for i, (n, r, s, run, rnd, rel) in enumerate(zip(*(cols[c] for c in _COLUMNS), releases, strict=True)):
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (s, rnd)) or not isinstance(run, str):
             raise LedgerError(f"{path}: entry {i} has non-integer steps/round or a non-string run_id")
-        e = LedgerEntry(_number(path, f"noise[{i}]", n), _number(path, f"rate[{i}]", r), s, run, rnd)
+        if not isinstance(rel, str):
+            raise LedgerError(f"{path}: entry {i} has a non-string {_RELEASE} digest {rel!r}")
+        e = LedgerEntry(_number(path, f"noise[{i}]", n), _number(path, f"rate[{i}]", r), s, run, rnd, rel)
         _check_entry(path, e)
         entries.append(e)
     node, acc, created, updated = (

@@ -192,3 +192,33 @@ def test_a_resumed_node_accounts_the_runs_ledger_entries_once(tmp_path: Path) ->
     assert [e.server_round for e in ours] == [1, 2, 2]  # the lost round stays charged: it was spent
     spent = compute_epsilon(PrivacyHistory(tuple((e.noise, e.rate, e.steps) for e in ours)), p.delta)
     assert node.epsilon() == pytest.approx(spent)
+
+
+@pytest.mark.parametrize(("before", "now", "charged"), [("d", "d", False), ("d", "e", True), ("", "", True)])
+def test_a_replay_of_the_same_release_is_not_charged_again(
+    tmp_path: Path, before: str, now: str, charged: bool
+) -> None:
+    """Round 2 was charged, then the server was killed; the resumed run trains round 2 again.
+
+    Same release digest (same seed, model, config, data): the same update, charged once. Another
+    digest, or none (an OS-drawn seed), is a new release and is charged again.
+    """
+    cfg = ExperimentConfig()
+    ledger = tmp_path / "client-0.json"
+    p = cfg.privacy
+    led = load_ledger(ledger, node="client-0", accountant=p.accountant, delta=p.delta, cap=p.budget_cap)
+    led = led.record([(1.1, 0.5, 2)], run_id="7", server_round=1, release="a")
+    led = led.record([(1.1, 0.5, 2)], run_id="7", server_round=2, release=before)
+    context = Context(run_id=999, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    node = NodePrivacy(context, cfg, 0, ledger, run_tag="7")
+    lifetime = node.charge((1.1, 0.5, 2), server_round=2, release=now)
+    node.commit(node.history.extended([(1.1, 0.5, 2)]))  # what training appends after the charge
+    rounds = [e.server_round for e in read_ledger(ledger).entries]
+    assert rounds == ([1, 2, 2] if charged else [1, 2])
+    assert node.history.steps == 2 * len(rounds)  # the run's accountant = its ledger
+    assert node.epsilon() == pytest.approx(read_ledger(ledger).spent())
+    assert lifetime == pytest.approx(read_ledger(ledger).spent())
+    # a node that already trained in this process is not resuming: the same digest is charged
+    led_now = read_ledger(ledger)
+    node.charge((1.1, 0.5, 2), server_round=2, release=now)
+    assert len(read_ledger(ledger).entries) == len(led_now.entries) + 1

@@ -52,7 +52,8 @@ def test_round_trip(tmp_path: Path) -> None:
     raw = json.loads(path.read_text())
     assert raw["schema_version"] == SCHEMA_VERSION
     assert raw["entries"] == {
-        "noise": [1.1, 1.3], "rate": [0.2, 0.2], "steps": [5, 2], "run_id": ["7", "7"], "round": [1, 1]
+        "noise": [1.1, 1.3], "rate": [0.2, 0.2], "steps": [5, 2], "run_id": ["7", "7"], "round": [1, 1],
+        "release": ["", ""],
     }  # fmt: skip
     assert raw["spent_epsilon"] == pytest.approx(back.spent())
 
@@ -286,3 +287,33 @@ def test_a_schema_1_ledger_is_read_and_gains_a_chain_on_its_next_write(tmp_path:
     _fresh(path).record([ROUND], run_id=2, server_round=1)
     upgraded = json.loads(path.read_text())
     assert upgraded["schema_version"] == SCHEMA_VERSION and upgraded["entry_count"] == 2
+
+
+def test_a_schema_2_ledger_verifies_and_gains_the_release_column_on_its_next_write(tmp_path: Path) -> None:
+    """Ledgers written before release digests keep their chain: "" entries hash as they did."""
+    path = tmp_path / "ledger.json"
+    _fresh(path).record([ROUND], run_id=1, server_round=1)
+    raw = json.loads(path.read_text())
+    raw["schema_version"] = 2
+    del raw["entries"]["release"]
+    path.write_text(json.dumps(raw))
+    led = _fresh(path)
+    assert led.entries[0].release == ""
+    led.record([ROUND], run_id=1, server_round=2, release="abc")
+    upgraded = json.loads(path.read_text())
+    assert upgraded["schema_version"] == SCHEMA_VERSION == 3
+    assert upgraded["entries"]["release"] == ["", "abc"]
+    assert [e.release for e in _fresh(path).entries] == ["", "abc"]
+
+
+def test_a_release_digest_is_in_the_chain_and_found_by_run_and_round(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    led = _fresh(path).record([ROUND], run_id="r", server_round=3, release="d1")
+    assert led.releases("r", 3, "d1") == (0,)
+    assert led.releases("r", 3, "d2") == led.releases("r", 2, "d1") == led.releases("q", 3, "d1") == ()
+    assert led.releases("r", 3, "") == ()  # no digest: never the same release
+    raw = json.loads(path.read_text())
+    raw["entries"]["release"] = ["d2"]  # claiming another release for a charged round is an edit
+    path.write_text(json.dumps(raw))
+    with pytest.raises(LedgerError, match="hash chain"):
+        _fresh(path)

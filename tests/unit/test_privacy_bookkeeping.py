@@ -162,6 +162,7 @@ def test_a_ledger_changed_by_another_writer_is_read_again(tmp_path: Path) -> Non
         raw["entries"]["steps"].append(3)
         raw["entries"]["run_id"].append("other")
         raw["entries"]["round"].append(1)
+        raw["entries"]["release"].append("")
         grown = (*led.entries, ledger_module.LedgerEntry(2.0, 0.2, 3, "other", 1))
         raw["entry_count"], raw["chain"] = 2, ledger_module._chain("n", "rdp", DELTA, led.created, grown)
 
