@@ -38,6 +38,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -201,7 +202,7 @@ def measure(rounds: int, partition: int) -> dict[str, Any]:
                     "epsilon": float(metrics[rk.EPSILON]),
                     "epsilon_lifetime": float(metrics[rk.EPSILON_LIFETIME]),
                     "noise_multiplier": float(metrics[rk.NOISE_MULTIPLIER]),
-                    "train_loss": float(metrics[rk.TRAIN_LOSS]),
+                    "train_loss": float(metrics.get(rk.TRAIN_LOSS, math.nan)),  # absent: minimal replies
                 }
             )
     steady = calls[1:]

@@ -57,6 +57,11 @@ RECIPES: tuple[str, ...] = ("manual", "auto")
 #: every model family here to the same update (tests/unit/test_grad_sample_mode.py). Not "ghost":
 #: it needs Opacus' own criterion wrapper and was measured slower (docs/performance.md).
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch")
+#: ``privacy.reply_metrics``: what a training reply carries besides the clipped arrays (README,
+#: "What leaves a node"). minimal: the privacy statement only, no exact statistic of the node's
+#: data; monitoring: also sample count, loss and pre-clipping norm (declared, not accounted);
+#: auto: minimal under any DP (plus what the chosen strategy needs), monitoring without DP.
+REPLY_METRICS: tuple[str, ...] = ("auto", "minimal", "monitoring")
 #: Expanded weights: the same update as hooks, a DP-SGD step 1.9x a plain one instead of 2.7x.
 DEFAULT_GRAD_SAMPLE_MODE = "ew"
 # Dataset, encoder, fusion, auxiliary-loss and strategy names are whatever fedmer.registry holds.
@@ -240,6 +245,7 @@ class PrivacyConfig:
     stats_epsilon_fraction: float = 0.1  # share of target_epsilon the stats release may spend alone
     recipe: str = "manual"  # auto: batch, local steps and lr chosen per client for DP-SGD
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # Opacus' per-sample gradients: speed, not privacy
+    reply_metrics: str = AUTO  # what leaves a node besides the clipped update (REPLY_METRICS)
 
     @property
     def sample_level(self) -> bool:
@@ -251,8 +257,14 @@ class PrivacyConfig:
         """Flower's DP wrapper around the strategy (protects one whole client)."""
         return self.mode in ("client", "both")
 
+    @property
+    def minimal_replies(self) -> bool:
+        """Training replies carry no exact statistic of the node's data (``reply_metrics``)."""
+        return self.reply_metrics == "minimal" or (self.reply_metrics == AUTO and self.mode != "off")
+
     def __post_init__(self) -> None:
         _choice("privacy.mode", self.mode, PRIVACY_MODES)
+        _choice("privacy.reply_metrics", self.reply_metrics, REPLY_METRICS)
         _choice("privacy.accountant", self.accountant, ACCOUNTANTS)
         _choice("privacy.recipe", self.recipe, RECIPES)
         _choice("privacy.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
@@ -480,6 +492,14 @@ class ExperimentConfig:
                 "wrappers would noise the statistics inside the model every round, and their "
                 "accountant cannot compose the statistics release; use data.standardize=none with "
                 "privacy.mode=client|both, or privacy.mode=sample|off",
+            )
+        if p.reply_metrics == "minimal" and strategy.get("modality_counts", False):
+            _fail(
+                "strategy.name",
+                self.strategy.name,
+                f"{self.strategy.name} weights each modality by every node's exact count of samples "
+                "with it, which privacy.reply_metrics=minimal does not send; use reply_metrics=auto "
+                "(sends the counts this strategy needs, declared, not accounted) or another strategy",
             )
         needed = int(strategy.get("min_clients", lambda f: 1)(self.strategy.num_malicious))
         if fed.clients_per_round < needed:

@@ -40,6 +40,7 @@ __all__ = [
     "STEPS",
     "TRAIN_LOSS",
     "TRAIN_REPLY_METRICS",
+    "TRAIN_REPLY_METRICS_MINIMAL",
     "UPDATE_CLIPPED",
     "UPDATE_NORM",
     "WANT_MODALITY_COUNTS",
@@ -68,12 +69,16 @@ UPDATE_CLIPPED = "update_clipped"
 PARTITION_ID = "partition_id"
 CLIENT_WEIGHT = "client-weight"  # always 1: the equal weights client-level DP accounting needs
 
-#: Everything a TRAIN reply's MetricRecord holds: the declared list of what leaves a node
-#: besides the clipped arrays (README "What leaves a node"; a test pins it). None is noised.
-TRAIN_REPLY_METRICS = frozenset(
-    {NUM_EXAMPLES, CLIENT_WEIGHT, TRAIN_LOSS, EPSILON, EPSILON_LIFETIME, DELTA, NOISE_MULTIPLIER, STEPS,
-     UPDATE_NORM, UPDATE_CLIPPED, PARTITION_ID}
-)  # fmt: skip
+#: What a TRAIN reply's MetricRecord holds under ``privacy.reply_metrics=minimal`` (the default
+#: under DP): the privacy statement and the partition id, no exact statistic of the node's data
+#: (README "What leaves a node"; a test pins it).
+TRAIN_REPLY_METRICS_MINIMAL = frozenset(
+    {CLIENT_WEIGHT, EPSILON, EPSILON_LIFETIME, DELTA, NOISE_MULTIPLIER, STEPS, PARTITION_ID}
+)
+#: Everything a TRAIN reply's MetricRecord holds with ``reply_metrics=monitoring`` (the default
+#: without DP): also the exact sample count, mean training loss and pre-clipping update norm.
+#: None of it is noised or accounted; it is declared.
+TRAIN_REPLY_METRICS = TRAIN_REPLY_METRICS_MINIMAL | {NUM_EXAMPLES, TRAIN_LOSS, UPDATE_NORM, UPDATE_CLIPPED}
 #: Train-config flag of ``strategy=fedavg_modality``: reply with a sample count per modality.
 WANT_MODALITY_COUNTS = "fedmer.want-modality-counts"
 MODALITY_COUNT_PREFIX = "modality-count-"

@@ -67,6 +67,12 @@ def _run_server(grid: Grid, cfg: ExperimentConfig, run_id: int) -> dict[str, Any
         len(sizes), min(sizes), max(sizes), len(set(test.person.tolist())), out_dir,
     )  # fmt: skip
 
+    if cfg.privacy.mode != "off" and cfg.federation.fraction_evaluate > 0:
+        log.warning(
+            "federation.fraction_evaluate=%g: every node asked to evaluate sends its exact loss and "
+            "accuracy on its own data, neither noised nor accounted (set it to 0 to keep them home)",
+            cfg.federation.fraction_evaluate,
+        )
     model = build_model_for(cfg, test)
     strategy = build_strategy(cfg)
     ordered = PartitionOrderedGrid(grid, expected=cfg.federation.num_clients)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import ConfigRecord, Context, MetricRecord, MetricRecordValues
 from torch import nn
 
 from fedmer import records as rk
@@ -147,26 +147,31 @@ def train_round(
 def train_metrics(
     node: Node, outcome: RoundOutcome, update_norm: float, clipped: bool, config: ConfigRecord | None = None
 ) -> MetricRecord:
-    """The MetricRecord of a training reply: examples, loss, spend and the update's norm.
+    """The MetricRecord of a training reply: spend, and (monitoring) examples, loss and norm.
 
-    Plus a sample count per modality when the server's strategy asks (``fedavg_modality``).
+    Under ``privacy.reply_metrics`` minimal (auto with DP) only :data:`rk.TRAIN_REPLY_METRICS_MINIMAL`
+    leaves: nothing that is an exact statistic of the node's data. Plus a sample count per
+    modality when the server's strategy asks (``fedavg_modality``; refused with ``minimal``).
     """
+    p = node.cfg.privacy
     counts: dict[str, int] = {}
-    if config is not None and rk.WANT_MODALITY_COUNTS in config:
+    if config is not None and rk.WANT_MODALITY_COUNTS in config and p.reply_metrics != "minimal":
         counts = {rk.modality_count_key(i): int(c) for i, c in enumerate(node.data.mask.sum(axis=0))}
-    return MetricRecord(
-        {
-            **counts,
+    metrics: dict[str, MetricRecordValues] = {
+        **counts,
+        rk.CLIENT_WEIGHT: 1,
+        rk.EPSILON: outcome.epsilon,
+        rk.EPSILON_LIFETIME: outcome.epsilon_lifetime,
+        rk.DELTA: p.delta,
+        rk.NOISE_MULTIPLIER: outcome.noise_multiplier,
+        rk.STEPS: outcome.history.steps,
+        rk.PARTITION_ID: node.pid,
+    }
+    if not p.minimal_replies:
+        metrics |= {
             rk.NUM_EXAMPLES: len(node.data),
-            rk.CLIENT_WEIGHT: 1,
             rk.TRAIN_LOSS: outcome.train.loss,
-            rk.EPSILON: outcome.epsilon,
-            rk.EPSILON_LIFETIME: outcome.epsilon_lifetime,
-            rk.DELTA: node.cfg.privacy.delta,
-            rk.NOISE_MULTIPLIER: outcome.noise_multiplier,
-            rk.STEPS: outcome.history.steps,
             rk.UPDATE_NORM: update_norm,
             rk.UPDATE_CLIPPED: int(clipped),
-            rk.PARTITION_ID: node.pid,
         }
-    )
+    return MetricRecord(metrics)

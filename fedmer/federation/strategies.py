@@ -45,15 +45,21 @@ def register_strategy(
     client_dp: bool = False,
     server_optimizer: bool = False,
     min_clients: Callable[[int], int] = lambda num_malicious: 1,
+    modality_counts: bool = False,
 ) -> Callable[[Factory], Factory]:
     """Add a strategy factory under ``name`` (what ``strategy.name`` selects).
 
     ``client_dp``: its aggregate is FedAvg's mean (optionally followed by a server optimizer
     step, ``server_optimizer``), so client-level DP can wrap it with an accounted epsilon.
     ``min_clients(num_malicious)``: replies per round it needs to tolerate that many attackers.
+    ``modality_counts``: it asks every node for its exact sample count per modality.
     """
     return registry.STRATEGIES.register(
-        name, client_dp=client_dp, server_optimizer=server_optimizer, min_clients=min_clients
+        name,
+        client_dp=client_dp,
+        server_optimizer=server_optimizer,
+        min_clients=min_clients,
+        modality_counts=modality_counts,
     )
 
 
@@ -86,7 +92,7 @@ def _fedavgm(cfg: ExperimentConfig, common: dict, cls: type | None = None) -> fs
     return (cls or fs.FedAvgM)(**common, server_learning_rate=s.server_lr, server_momentum=s.server_momentum)
 
 
-@register_strategy("fedavg_modality")
+@register_strategy("fedavg_modality", modality_counts=True)
 def _fedavg_modality(cfg: ExperimentConfig, common: dict) -> fs.Strategy:
     from fedmer.federation.modality_aware import ModalityAwareFedAvg
 
@@ -261,7 +267,8 @@ def build_strategy(cfg: ExperimentConfig) -> AccountedStrategy:
     f = cfg.federation
     accounted = cfg.privacy.client_level and cfg.privacy.client_clipping == "fixed"
     common: dict[str, Any] = {  # keyword arguments of every Flower strategy
-        "weighted_by_key": rk.CLIENT_WEIGHT if accounted else rk.NUM_EXAMPLES,
+        # a node under minimal replies sends no sample count: every reply weighs the same
+        "weighted_by_key": rk.CLIENT_WEIGHT if accounted or cfg.privacy.minimal_replies else rk.NUM_EXAMPLES,
         "fraction_train": f.fraction_train,
         "fraction_evaluate": f.fraction_evaluate,
         "min_train_nodes": f.min_train_clients,

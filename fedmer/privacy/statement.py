@@ -8,16 +8,34 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedmer import records as rk
+from fedmer import registry
 from fedmer.config import ExperimentConfig
 from fedmer.privacy.client_level import client_noise_multiplier
 
-__all__ = ["privacy_statement"]
+__all__ = ["privacy_statement", "sent_in_clear"]
+
+
+def sent_in_clear(cfg: ExperimentConfig) -> dict[str, list[str]]:
+    """Per reply type, what else leaves a node, neither noised nor accounted (README: What leaves a node)."""
+    p = cfg.privacy
+    train = sorted(rk.TRAIN_REPLY_METRICS_MINIMAL if p.minimal_replies else rk.TRAIN_REPLY_METRICS)
+    if p.reply_metrics != "minimal" and registry.STRATEGIES.meta(cfg.strategy.name).get("modality_counts"):
+        train.append(f"{rk.MODALITY_COUNT_PREFIX}<i>")
+    out = {"train": train}
+    if cfg.federation.fraction_evaluate > 0:
+        out["evaluate"] = sorted(rk.EVALUATE_REPLY_METRICS)
+    return out
 
 
 def privacy_statement(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What the reported epsilon means for this run."""
+    """What the reported epsilon means for this run, and what else its nodes send."""
     p = cfg.privacy
-    statement: dict[str, Any] = {"mode": p.mode}
+    statement: dict[str, Any] = {
+        "mode": p.mode,
+        "reply_metrics": p.reply_metrics,
+        "sent_in_clear": sent_in_clear(cfg),
+    }
     if p.client_level:
         accounted = p.client_clipping == "fixed"
         statement["client_level"] = {

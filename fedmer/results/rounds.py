@@ -76,7 +76,10 @@ def round_row(
     clients = rr.clients if rr else []
     eps = rr.epsilons() if rr else []
     off = not cfg.privacy.sample_level
-    norms = [float(c[rk.UPDATE_NORM]) for c in clients]
+    # absent under privacy.reply_metrics=minimal: nodes send no exact statistic of their data
+    norms = [float(c[rk.UPDATE_NORM]) for c in clients if rk.UPDATE_NORM in c]
+    losses = [float(c[rk.TRAIN_LOSS]) for c in clients if rk.TRAIN_LOSS in c]
+    clipped = [float(c[rk.UPDATE_CLIPPED]) for c in clients if rk.UPDATE_CLIPPED in c]
     row = {
         "round": server_round,
         "accuracy": report["accuracy"],
@@ -97,11 +100,9 @@ def round_row(
         "clients_failed": len(rr.failures) if rr else 0,
         "clients_refused": len(rr.refusals) if rr else 0,
         "clients_rejected": len(rr.rejections) if rr else 0,
-        "train_loss": statistics.fmean(float(c[rk.TRAIN_LOSS]) for c in clients) if clients else None,
+        "train_loss": statistics.fmean(losses) if losses else None,
         "update_norm_mean": statistics.fmean(norms) if norms else None,
-        "update_clipped_frac": statistics.fmean(float(c[rk.UPDATE_CLIPPED]) for c in clients)
-        if clients
-        else None,
+        "update_clipped_frac": statistics.fmean(clipped) if clipped else None,
         "client_epsilon": client_eps,
         "elapsed_s": round(elapsed, 3),
     }

@@ -16,6 +16,7 @@ from fedmer.data.registry import load_client_dataset
 from fedmer.models import build_model
 from fedmer.privacy.clipping import update_norm
 from fedmer.privacy.engine import PrivacyHistory, compute_epsilon
+from fedmer.privacy.statement import privacy_statement
 
 FLAT = ExperimentConfig().to_run_config() | {
     "data.persons_per_site": 2,
@@ -70,23 +71,42 @@ def _train_msg(state: dict[str, torch.Tensor], server_round: int) -> Message:
     )
 
 
-def test_outgoing_update_is_clipped_to_c_and_has_clean_keys() -> None:
+@pytest.mark.parametrize(
+    ("mode", "reply_metrics", "declared"),
+    [
+        ("sample", "auto", rk.TRAIN_REPLY_METRICS_MINIMAL),  # the default under DP
+        ("client", "auto", rk.TRAIN_REPLY_METRICS_MINIMAL),
+        ("sample", "minimal", rk.TRAIN_REPLY_METRICS_MINIMAL),
+        ("sample", "monitoring", rk.TRAIN_REPLY_METRICS),
+        ("off", "auto", rk.TRAIN_REPLY_METRICS),  # without DP: monitoring
+    ],
+)
+def test_outgoing_update_is_clipped_to_c_and_has_clean_keys(
+    mode: str, reply_metrics: str, declared: frozenset[str]
+) -> None:
+    """Only what README's "What leaves a node" lists for the mode leaves the node."""
     from client.app import train
 
-    state = _global()
-    reply = train(_train_msg(state, 1), _context())
+    flat = FLAT | {"privacy.mode": mode, "privacy.reply_metrics": reply_metrics}
+    state = _global(flat)
+    reply = train(_train_msg(state, 1), _context(flat=flat))
     # only what is declared leaves the node: the model's own arrays and the declared metrics
     assert set(reply.content.keys()) == {rk.ARRAYS, rk.METRICS}
     sent = reply.content[rk.ARRAYS].to_torch_state_dict()
     assert set(sent) == set(state) and not any("_module." in k for k in sent)
     assert all(sent[k].shape == state[k].shape for k in state)
-    metrics = reply.content[rk.METRICS]
-    assert set(metrics.keys()) == rk.TRAIN_REPLY_METRICS
-    assert metrics[rk.UPDATE_CLIPPED] == 1 and metrics[rk.UPDATE_NORM] > 0.05
     assert update_norm(sent, state) <= 0.05
-    assert metrics[rk.DELTA] == 1e-5 and metrics[rk.NUM_EXAMPLES] == len(
-        load_client_dataset(ExperimentConfig.from_run_config(FLAT), 0)
+    metrics = reply.content[rk.METRICS]
+    assert set(metrics.keys()) == declared
+    # the run's privacy statement (config.json, summary.json) lists exactly what was sent
+    statement = privacy_statement(ExperimentConfig.from_run_config(flat))
+    assert (
+        set(statement["sent_in_clear"]["train"]) == declared and "evaluate" not in statement["sent_in_clear"]
     )
+    assert metrics[rk.DELTA] == 1e-5 and metrics[rk.CLIENT_WEIGHT] == 1
+    if declared == rk.TRAIN_REPLY_METRICS:
+        assert metrics[rk.UPDATE_CLIPPED] == 1 and metrics[rk.UPDATE_NORM] > 0.05
+        assert metrics[rk.NUM_EXAMPLES] == len(load_client_dataset(ExperimentConfig.from_run_config(flat), 0))
 
 
 def test_epsilon_accumulates_in_context_state_and_never_resets() -> None:

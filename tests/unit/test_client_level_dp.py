@@ -163,7 +163,13 @@ def test_client_side_clipping_mod_clips_the_outgoing_message() -> None:
     from fedmer.data.registry import load_client_dataset
     from fedmer.models import build_model
 
-    cfg = _cfg(**{"privacy.mode": "both", "privacy.client_clipping_side": "client"})
+    cfg = _cfg(
+        **{
+            "privacy.mode": "both",
+            "privacy.client_clipping_side": "client",
+            "privacy.reply_metrics": "monitoring",  # the pre-clipping norm, to compare with
+        }
+    )
     data = load_client_dataset(cfg, 0)
     torch.manual_seed(0)
     state = build_model(cfg.model, data.feature_slices, data.num_classes).state_dict()

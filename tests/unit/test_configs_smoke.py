@@ -89,7 +89,12 @@ def _one_round(overrides: list[str]) -> None:
         )
         reply = train(msg, context)
         metrics = reply.content[rk.METRICS]
-        assert metrics[rk.UPDATE_NORM] >= 0 and math.isfinite(metrics[rk.TRAIN_LOSS])
+        if exp.privacy.minimal_replies:  # no exact statistic of the node's data leaves it
+            assert rk.TRAIN_LOSS not in metrics and rk.NUM_EXAMPLES not in metrics
+            counts = {k for k in metrics if k.startswith(rk.MODALITY_COUNT_PREFIX)}
+            assert set(metrics) - counts == rk.TRAIN_REPLY_METRICS_MINIMAL
+        else:
+            assert metrics[rk.UPDATE_NORM] >= 0 and math.isfinite(metrics[rk.TRAIN_LOSS])
         replies.append(reply)
     new_arrays, _ = strategy.inner.aggregate_train(1, replies)
     if new_arrays is not None:  # Bulyan/Krum need more replies than a smoke round has

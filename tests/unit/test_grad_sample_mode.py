@@ -188,6 +188,7 @@ def _client_round(mode: str, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dic
     flat = ExperimentConfig().to_run_config() | {
         "data.persons_per_site": 2, "data.sequences_per_person": 16, "federation.num_clients": 3,
         "privacy.grad_sample_mode": mode, "output.dir": out,
+        "privacy.reply_metrics": "monitoring",  # the training loss too, to compare the two modes
     }  # fmt: skip
     cfg = ExperimentConfig.from_run_config(flat)
     torch.manual_seed(0)

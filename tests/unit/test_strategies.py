@@ -85,6 +85,7 @@ def _reply(pid: int, value: float, eps: float, node: int) -> Message:
     metrics = MetricRecord(
         {
             rk.NUM_EXAMPLES: 10,
+            rk.CLIENT_WEIGHT: 1,
             rk.EPSILON: eps,
             rk.PARTITION_ID: pid,
             rk.TRAIN_LOSS: 1.0,
@@ -173,11 +174,11 @@ def test_wrong_shapes_keys_and_weights_are_rejected() -> None:
     wrong_shape = _reply(1, 1.0, 0.5, 20)
     wrong_shape.content[rk.ARRAYS] = ArrayRecord([np.zeros(4, dtype=np.float32)])
     bad_weight = _reply(2, 1.0, 0.5, 30)
-    bad_weight.content[rk.METRICS][rk.NUM_EXAMPLES] = float("inf")
+    bad_weight.content[rk.METRICS][rk.CLIENT_WEIGHT] = float("inf")  # the weight under DP's minimal replies
     strategy.aggregate_train(1, [_reply(0, 1.0, 0.5, 10), wrong_shape, bad_weight])
     reasons = strategy.rounds[1].rejections
     assert reasons[0] == "node 20: shape of 0 is (4,), the global model's is (3,)"
-    assert reasons[1].startswith("node 30: aggregation weight num-examples=inf is not a finite number")
+    assert reasons[1].startswith("node 30: aggregation weight client-weight=inf is not a finite number")
 
 
 def test_when_every_reply_is_rejected_the_run_stops_and_says_why() -> None:
