@@ -3,12 +3,15 @@
     python -m bench.robustness                 # the whole grid (resumes: finished runs are kept)
     python -m bench.robustness --seeds 0       # one seed
     python -m bench.robustness --tables        # only rewrite the table and plot from runs on disk
+    python -m bench.robustness --runner ray    # each cell as `fedmer run` (Ray), one at a time
 
-Every cell is a real Flower simulation (``python -m simulations.run``) of the same federation
+Every cell runs FedMER's ServerApp and ClientApp on the same federation
 (``BASE``) with ``faults.attack=<attack> faults.attacker_fraction=0.2`` (a fixed, seeded fifth of
 the clients attacks whenever sampled; model attacks are rescaled to the clip bound C, so the
 server's norm check cannot catch them by size). Writes ``bench/results/robustness.csv`` (one row
-per run), ``robustness.md`` (mean ± sd per strategy and attack) and ``robustness.png``.
+per run), ``robustness.md`` (mean ± sd per strategy and attack) and ``robustness.png``. By default
+a cell runs in one process on :class:`simulations.sequential.SequentialGrid` (the Ray simulation's
+metrics bit for bit, tested), two cells at a time; ``--runner ray`` runs ``fedmer run`` instead.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import matplotlib
@@ -58,17 +63,54 @@ def overrides(strategy: str, attack: str) -> list[str]:
     return [*BASE, f"strategy={strategy}", *fault]
 
 
-def run_one(strategy: str, attack: str, seed: int) -> dict[str, object]:
-    """One simulation (kept on disk: a rerun of the bench skips it) and its row."""
+def _simulate(strategy: str, attack: str, seed: int, folder: Path) -> int:
+    """One cell in this process on :class:`SequentialGrid`, one thread; 0, or 1 for a failed run.
+
+    The same ServerApp and ClientApp (its fault mod included) as ``fedmer run``, without
+    Ray: ``tests/e2e/test_simulation.py`` checks that this gives the Ray simulation's metrics
+    bit for bit. No Ray start-up per cell, and two cells run at once on two cores.
+    """
+    import logging
+
+    import torch
+
+    from client.app import app as client_app
+    from server.app import run_server
+    from simulations.compose import compose_experiment
+    from simulations.sequential import SequentialGrid
+
+    torch.set_num_threads(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        filename=folder.parent / f"{folder.name}.log", level=logging.INFO, force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )  # fmt: skip
+    cfg = compose_experiment([*overrides(strategy, attack), f"seed={seed}"], output_dir=folder)
+    try:
+        run_server(SequentialGrid(client_app, cfg.federation.num_clients, cfg.to_run_config()), cfg)
+    except RuntimeError:
+        logging.exception("run failed")  # summary.json says status failed when the run got that far
+        return 1
+    return 0
+
+
+def run_one(strategy: str, attack: str, seed: int, runner: str = "sequential") -> dict[str, object]:
+    """One simulation (kept on disk: a rerun of the bench skips it) and its row.
+
+    ``runner``: ``sequential`` (:func:`_simulate`) or ``ray`` (``python -m simulations.run``).
+    """
     folder = RUNS / f"{strategy}-{attack}-s{seed}"
     if not (folder / "summary.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "simulations.run", *overrides(strategy, attack), f"seed={seed}",
-               f"hydra.run.dir={folder}"]  # fmt: skip
-        with open(folder.parent / f"{folder.name}.log", "w") as out:
-            done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        if done.returncode != 0 and not (folder / "summary.json").exists():
-            return {"strategy": strategy, "attack": attack, "seed": seed, "status": f"exit {done.returncode}"}
+        if runner == "sequential":
+            rc = _simulate(strategy, attack, seed, folder)
+        else:
+            cmd = [sys.executable, "-m", "simulations.run", *overrides(strategy, attack), f"seed={seed}",
+                   f"hydra.run.dir={folder}"]  # fmt: skip
+            with open(folder.parent / f"{folder.name}.log", "w") as out:
+                rc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+        if rc != 0 and not (folder / "summary.json").exists():
+            return {"strategy": strategy, "attack": attack, "seed": seed, "status": f"exit {rc}"}
     s = json.loads((folder / "summary.json").read_text())
     return {
         "strategy": strategy,
@@ -157,17 +199,30 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--tables", action="store_true", help="only rewrite the outputs from runs on disk")
+    parser.add_argument(
+        "--runner",
+        choices=("sequential", "ray"),
+        default="sequential",
+        help="sequential: each cell in one process without Ray (default); ray: fedmer run",
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="cells at once (sequential runner)")
     args = parser.parse_args()
     if not args.tables:
         grid = [(s, a, seed) for seed in args.seeds for a in args.attacks for s in args.strategies]
         start = time.perf_counter()
-        for i, (strategy, attack, seed) in enumerate(grid, start=1):
-            row = run_one(strategy, attack, seed)
-            elapsed = time.perf_counter() - start
-            eta = elapsed / i * (len(grid) - i)
-            where = f"[{i}/{len(grid)}] {strategy:14s} {attack:10s} seed {seed}"
-            print(f"{where}: UAR {row.get('uar', '-')} ({row['status']}); {elapsed / 60:.1f} min, "
-                  f"~{eta / 60:.0f} min left", flush=True)  # fmt: skip
+        jobs = args.jobs if args.runner == "sequential" else 1
+        # spawn: a fresh interpreter per worker (no torch/Ray state forked), one cell per task
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:  # fmt: skip
+            futures = {pool.submit(run_one, *cell, args.runner): cell for cell in grid}
+            for i, future in enumerate(as_completed(futures), start=1):
+                strategy, attack, seed = futures[future]
+                row = future.result()
+                elapsed = time.perf_counter() - start
+                eta = elapsed / i * (len(grid) - i)
+                where = f"[{i}/{len(grid)}] {strategy:14s} {attack:10s} seed {seed}"
+                print(f"{where}: UAR {row.get('uar', '-')} ({row['status']}); {elapsed / 60:.1f} min, "
+                      f"~{eta / 60:.0f} min left", flush=True)  # fmt: skip
     write_tables(collect(args.seeds))
     print(f"wrote {RESULTS / 'robustness.csv'}, robustness.md, robustness.png")
 
