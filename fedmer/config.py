@@ -8,8 +8,9 @@ before any training, with a message naming the key, the value and what is allowe
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -31,6 +32,8 @@ __all__ = [
     "PartitionConfig",
     "PrivacyConfig",
     "StrategyConfig",
+    "run_config_keys",
+    "unknown_keys_error",
 ]
 
 #: Every modality FedMER knows, in the fixed order used by masks and packed tensors.
@@ -73,6 +76,11 @@ def _fail(key: str, value: object, allowed: str) -> None:
     raise ConfigError(f"invalid {key}={value!r}: {allowed}")
 
 
+def _is_number(value: object) -> bool:
+    """An int or float, not a bool (``True`` is an int to Python, never a rate or a count here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         _fail(key, value, f"expected one of {', '.join(allowed)}")
@@ -86,7 +94,7 @@ def _positive(key: str, value: float, *, integer: bool = False, allow_inf: bool 
     """
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
         _fail(key, value, "expected a positive integer")
-    if not isinstance(value, (int, float)) or not value > 0 or math.isnan(value):
+    if not _is_number(value) or not value > 0 or math.isnan(value):
         _fail(key, value, "expected a number > 0")
     if math.isinf(value) and not allow_inf:
         _fail(key, value, "expected a finite number > 0 (inf can only make training non-finite)")
@@ -94,14 +102,20 @@ def _positive(key: str, value: float, *, integer: bool = False, allow_inf: bool 
 
 def _non_negative(key: str, value: float) -> None:
     """A finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+    if not _is_number(value) or not 0 <= value < math.inf:
         _fail(key, value, "expected a finite number >= 0")
 
 
 def _fraction(key: str, value: float, *, low_open: bool = True) -> None:
-    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    ok = _is_number(value) and ((0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0))
     if not ok:
         _fail(key, value, "expected a fraction in (0, 1]" if low_open else "expected [0, 1]")
+
+
+def _below(key: str, value: float, high: float) -> None:
+    """A number in [0, high) (nan is in no interval)."""
+    if not (_is_number(value) and 0.0 <= value < high):
+        _fail(key, value, f"expected [0, {high:g})")
 
 
 @dataclass(frozen=True)
@@ -186,8 +200,7 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         _choice("partition.scheme", self.scheme, PARTITION_SCHEMES)
         _positive("partition.alpha", self.alpha)
-        if not 0.0 <= self.modality_missing_rate < 1.0:
-            _fail("partition.modality_missing_rate", self.modality_missing_rate, "expected [0, 1)")
+        _below("partition.modality_missing_rate", self.modality_missing_rate, 1.0)
         _positive("partition.min_samples", self.min_samples, integer=True)
 
 
@@ -210,8 +223,7 @@ class ModelConfig:
         registry.AUX_LOSSES.check(self.aux_loss)
         _non_negative("model.aux_weight", self.aux_weight)
         _non_negative("model.intensity_weight", self.intensity_weight)
-        if not (isinstance(self.modality_dropout, (int, float)) and 0.0 <= self.modality_dropout < 1.0):
-            _fail("model.modality_dropout", self.modality_dropout, "expected [0, 1)")
+        _below("model.modality_dropout", self.modality_dropout, 1.0)
 
 
 #: The smallest target epsilon a run accepts (see PrivacyConfig validation).
@@ -268,7 +280,7 @@ class PrivacyConfig:
         _choice("privacy.accountant", self.accountant, ACCOUNTANTS)
         _choice("privacy.recipe", self.recipe, RECIPES)
         _choice("privacy.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
-        if not (isinstance(self.target_epsilon, (int, float)) and self.target_epsilon > 0):
+        if not (_is_number(self.target_epsilon) and self.target_epsilon > 0):
             _fail("privacy.target_epsilon", self.target_epsilon, "expected a number > 0")
         if self.target_epsilon < MIN_TARGET_EPSILON:
             _fail(
@@ -278,10 +290,10 @@ class PrivacyConfig:
                 "Opacus' search (sigma <= 1e6) or drowns every update, and the run would fail "
                 "minutes later inside Opacus",
             )
-        if not (isinstance(self.delta, (int, float)) and 0.0 < self.delta < 1.0):
+        if not (_is_number(self.delta) and 0.0 < self.delta < 1.0):
             _fail("privacy.delta", self.delta, "expected a number in the open interval (0, 1)")
         if self.noise_multiplier is not None and not (
-            isinstance(self.noise_multiplier, (int, float)) and 0 <= self.noise_multiplier < math.inf
+            _is_number(self.noise_multiplier) and 0 <= self.noise_multiplier < math.inf
         ):
             _fail(
                 "privacy.noise_multiplier",
@@ -295,7 +307,7 @@ class PrivacyConfig:
         _choice("privacy.client_clipping_side", self.client_clipping_side, CLIPPING_SIDES)
         _positive("privacy.stats_clip_norm", self.stats_clip_norm)
         fraction = self.stats_epsilon_fraction
-        if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        if not (_is_number(fraction) and 0 < fraction < 1):
             _fail("privacy.stats_epsilon_fraction", fraction, "expected a fraction in (0, 1)")
         if self.client_level and self.client_noise_multiplier is None:
             if self.client_clipping == "adaptive":
@@ -307,6 +319,8 @@ class PrivacyConfig:
                 )
         elif self.client_level and self.client_noise_multiplier is not None:  # None handled above
             _positive("privacy.client_noise_multiplier", self.client_noise_multiplier)
+        elif self.client_noise_multiplier is not None:  # unused in this mode, but never nonsense
+            _non_negative("privacy.client_noise_multiplier", self.client_noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -325,11 +339,9 @@ class StrategyConfig:
         registry.STRATEGIES.check(self.name)
         _non_negative("strategy.proximal_mu", self.proximal_mu)
         _positive("strategy.server_lr", self.server_lr)
-        if not 0.0 <= self.server_momentum < 1.0:
-            _fail("strategy.server_momentum", self.server_momentum, "expected [0, 1)")
+        _below("strategy.server_momentum", self.server_momentum, 1.0)
         _positive("strategy.tau", self.tau)
-        if not 0.0 <= self.trim_beta < 0.5:
-            _fail("strategy.trim_beta", self.trim_beta, "expected [0, 0.5)")
+        _below("strategy.trim_beta", self.trim_beta, 0.5)
         if (
             isinstance(self.num_malicious, bool)
             or not isinstance(self.num_malicious, int)
@@ -533,20 +545,15 @@ class ExperimentConfig:
         always fuses the pyproject defaults in, so a missing key means the app was
         started without its config, and silently using defaults would hide that.
         """
-        known = {"seed", "output.dir", "resume"} | {
-            f"{name}.{f.name}" for name, section in _SECTIONS.items() for f in fields(section)
-        }
+        known = run_config_keys()
         missing = sorted(known - set(run_config))
         if complete and missing:
             raise ConfigError(
                 f"run_config lacks key(s) {', '.join(missing)}: run the app through `flwr run .` or "
                 "`python -m simulations.run`, which supply [tool.flwr.app.config] from pyproject.toml"
             )
-        unknown = sorted(set(run_config) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown config key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(known))}"
-            )
+        if set(run_config) - known:
+            raise unknown_keys_error(run_config, known)
         sections: dict[str, Any] = {}
         for name, section in _SECTIONS.items():
             kwargs = {}
@@ -578,14 +585,67 @@ class ExperimentConfig:
         return cls.from_run_config(flat)
 
 
+def run_config_keys() -> set[str]:
+    """Every key of the flat run_config (what pyproject.toml's [tool.flwr.app.config] declares)."""
+    return {"seed", "output.dir", "resume"} | {
+        f"{name}.{f.name}" for name, section in _SECTIONS.items() for f in fields(section)
+    }
+
+
+def unknown_keys_error(config: Mapping[str, Any], known: Iterable[str] | None = None) -> ConfigError:
+    """The error for the keys of ``config`` that are not ``known``: each with its value and the
+    closest valid key (a typo), or the keys of a section given by its bare name (``strategy``)."""
+    valid = sorted(run_config_keys() if known is None else known)
+    parts = []
+    for key in sorted(set(config) - set(valid)):
+        part = f"{key}={config[key]!r}"
+        in_section = [k for k in valid if k.startswith(f"{key}.")]
+        close = _closest(key, valid)
+        if in_section:
+            part += f" (a section, not a key: set one of {', '.join(in_section)})"
+        elif close:
+            part += f" (did you mean {close}?)"
+        parts.append(part)
+    return ConfigError(f"unknown config key(s) {'; '.join(parts)}; valid keys are {', '.join(valid)}")
+
+
+def _closest(key: str, valid: list[str]) -> str | None:
+    """The valid key a typo most likely meant: a key of the same section whose name contains the
+    typed one or is contained in it (``strategy.lr`` -> ``strategy.server_lr``), else the closest
+    spelling."""
+    section, _, name = key.partition(".")
+    if name:
+        same = [k for k in valid if k.startswith(f"{section}.")]
+        hits = [k for k in same if name in k.partition(".")[2] or k.partition(".")[2] in name]
+        if len(hits) == 1:
+            return hits[0]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+#: How a type mismatch is explained, per dataclass field type.
+_EXPECTED = {
+    "float | None": f"expected a number or '{AUTO}'",
+    "int": "expected an integer",
+    "float": "expected a number",
+    "bool": "expected true or false",
+}
+
+
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    """Turn a run_config scalar into the dataclass field type, or fail naming the key."""
+    """Turn a run_config scalar into the dataclass field type, or fail naming the key.
+
+    A bool is never a number here: Python's ``float(True)`` is 1.0, which would turn
+    ``privacy.target_epsilon=true`` into epsilon 1 without a word.
+    """
     type_name = str(type_name)
     try:
+        if type_name in ("float | None", "float", "int") and isinstance(value, bool):
+            raise ValueError
         if type_name == "float | None":
             return None if value in (AUTO, None) else float(value)
         if type_name == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         if type_name == "float":
@@ -598,6 +658,7 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
             raise ValueError
         if type_name == "str":
             return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"invalid {key}={value!r}: expected a value of type {type_name}") from None
+    except (TypeError, ValueError, OverflowError):
+        expected = _EXPECTED.get(type_name, f"expected a value of type {type_name}")
+        raise ConfigError(f"invalid {key}={value!r}: {expected}") from None
     return value

@@ -32,7 +32,7 @@ from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.registry import check_partitions
 from fedmer.results.checkpoint import resumable_checkpoint
 from fedmer.results.layout import RESUME_CHECKPOINT, SUMMARY_JSON, run_dir
-from simulations.compose import CONFIG_DIR, experiment_from_hydra
+from simulations.compose import CONFIG_DIR, compose_config, experiment_from_hydra
 from simulations.launch import new_run_id, simulate
 from simulations.ray_session import keep_ray
 
@@ -148,11 +148,31 @@ def _exit_interrupted(folder: Path) -> None:
 
 
 def cli(argv: list[str]) -> int:
-    """``fedmer run [overrides...]`` (registered as the ``run`` entry point of ``fedmer.commands``)."""
+    """``fedmer run [overrides...]`` (registered as the ``run`` entry point of ``fedmer.commands``).
+
+    A single run's config is composed and validated first: any bad input (a bad value, an unknown
+    key or group option, a malformed override) is one line on stderr and exit code 2, before Hydra
+    makes a run folder. Hydra's own errors would otherwise be several lines and exit code 1.
+    """
     sys.argv = ["fedmer run", *argv]
+    problem = _config_error(argv)
+    if problem is not None:
+        print(f"fedmer run: configuration error: {problem}", file=sys.stderr)
+        return 2
     main()
     return 0
 
 
+def _config_error(argv: list[str]) -> ConfigError | None:
+    """What is wrong with a single run's overrides, or None (also for flags: Hydra handles those)."""
+    if any(arg.startswith("-") for arg in argv):  # -m sweeps, --cfg, --help, -cn, ...: Hydra's own
+        return None
+    try:
+        experiment_from_hydra(compose_config(argv))
+    except ConfigError as err:
+        return err
+    return None
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(sys.argv[1:]))

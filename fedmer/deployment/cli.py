@@ -124,10 +124,22 @@ def _site_data(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from fedmer.deployment.commands import flwr_run_command
+    """Validate the run config as the ServerApp will, then ``flwr run``; then ask how the run ended.
+
+    Both checks are needed because ``flwr run`` (1.42) exits 0 when the ServerApp fails: a bad
+    value would otherwise print the ServerApp's traceback and look like a success.
+    """
+    from fedmer.config import ConfigError
+    from fedmer.deployment.commands import checked_run_config, flwr_run_command
     from fedmer.deployment.local import COMPLETED, run_status, submitted_run_id
 
-    cmd = flwr_run_command(Path(args.app), args.connection, _set_pairs(args.set))
+    run_config = _set_pairs(args.set)
+    try:
+        checked_run_config(Path(args.app), run_config)
+    except ConfigError as err:
+        print(f"fedmer deploy submit: configuration error: {err}; nothing was submitted", file=sys.stderr)
+        return 2
+    cmd = flwr_run_command(Path(args.app), args.connection, run_config)
     print(shlex.join(cmd), flush=True)
     proc = subprocess.Popen(
         cmd, env=flower_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -145,11 +157,13 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from fedmer.config import ExperimentConfig
+    from fedmer.deployment.commands import checked_run_config
     from fedmer.deployment.local import LocalFederation
     from fedmer.deployment.site_data import write_site_files
 
     sites = [f"car-{i // 2 + 1}" if i % 2 == 0 else f"hospital-{i // 2 + 1}" for i in range(args.sites)]
     run = {"federation.num_clients": args.sites, "federation.num_rounds": args.rounds, **_set_pairs(args.set)}
+    checked_run_config(Path(args.app), run)  # before any key, process or site file is made
     root = Path(args.out).resolve()
     with LocalFederation(root, sites) as fed:
         write_site_files(ExperimentConfig.from_run_config(run), sites, root / "sites")

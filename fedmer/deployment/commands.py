@@ -15,17 +15,23 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedmer.deployment.certificates import FederationKeys
+
+if TYPE_CHECKING:
+    from fedmer.config import ExperimentConfig
 
 __all__ = [
     "BIN",
     "SiteNode",
     "SuperLinkSpec",
+    "checked_run_config",
     "flower_env",
     "flwr_run_command",
     "format_node_config",
     "register_command",
+    "run_config_text",
     "superlink_command",
     "supernode_command",
     "write_connection",
@@ -169,17 +175,62 @@ def register_command(public_key: Path, connection: str, name: str | None = None)
 
 def flwr_run_command(app_dir: Path, connection: str, run_config: Mapping[str, object]) -> list[str]:
     """``flwr run`` of the FedMER app against a named SuperLink connection, streaming its logs."""
-    text = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+    text = run_config_text(run_config)
     cmd = [_exe("flwr"), "run", str(app_dir), connection, "--stream"]
     return cmd + (["--run-config", text] if text else [])
 
 
-def _toml_value(value: object) -> str:
+def run_config_text(run_config: Mapping[str, object]) -> str:
+    """The ``--run-config`` argument for ``run_config``: space-separated TOML ``key=value`` pairs."""
+    return " ".join(f"{k}={_toml_value(k, v)}" for k, v in run_config.items())
+
+
+def checked_run_config(app_dir: Path, run_config: Mapping[str, object]) -> ExperimentConfig:
+    """The experiment a ``flwr run`` with ``run_config`` would start, validated before it is sent.
+
+    Done with Flower's own functions, in Flower's order: ``flwr run`` parses the
+    ``--run-config`` text (:func:`run_config_text`) with ``parse_config_args``; the SuperLink
+    refuses keys the app's pyproject.toml does not declare and fuses the rest into its
+    ``[tool.flwr.app.config]`` defaults (``get_fused_config_from_dir``); the ServerApp then
+    builds its config (``server/app.py`` ``main``). Raises :class:`~fedmer.errors.ConfigError`
+    naming the key, the value and what is valid. This must happen here: ``flwr run`` (1.42)
+    exits 0 when the ServerApp fails, after printing the ServerApp's traceback.
+    """
+    import click
+    from flwr.common.config import (
+        flatten_dict,
+        get_fused_config_from_dir,
+        get_project_config,
+        parse_config_args,
+    )
+
+    from fedmer.config import ConfigError, ExperimentConfig, unknown_keys_error
+
+    text = run_config_text(run_config)
+    try:
+        overrides = parse_config_args([text]) if text else {}
+    except click.ClickException as err:
+        raise ConfigError(f"invalid --run-config {text!r}: {err.message}") from None
+    declared = flatten_dict(get_project_config(app_dir)["tool"]["flwr"]["app"].get("config", {}))
+    if set(overrides) - set(declared):
+        raise unknown_keys_error(overrides, declared)
+    fused = get_fused_config_from_dir(app_dir, overrides)
+    return ExperimentConfig.from_run_config(fused, complete=True)
+
+
+def _toml_value(key: str, value: object) -> str:
+    """One TOML value as ``flwr run``'s ``--run-config`` parser reads it (its pattern takes a
+    quoted string without its own quote character: a literal '...' or, failing that, "...")."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value)
-    return "'" + str(value).replace("'", "") + "'"
+        return repr(value)  # nan, inf and -inf are TOML floats too
+    text = str(value)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return '"' + text.replace("\\", "\\\\") + '"'
+    raise ValueError(f"invalid {key}={text!r}: flwr run cannot pass a string with both ' and \"")
 
 
 def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path, default: bool = True) -> Path:
