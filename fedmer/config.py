@@ -56,6 +56,8 @@ ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 #: ``privacy.recipe``: the configured local batch/epochs/lr, or a DP-aware one chosen per client
 #: (fedmer.privacy.recipe).
 RECIPES: tuple[str, ...] = ("manual", "auto")
+#: ``model.prior``: the model's starting weights as drawn, or from public knowledge (fedmer.models.prior).
+MODEL_PRIORS: tuple[str, ...] = ("none", "face_expressions")
 #: ``privacy.grad_sample_mode``: how Opacus computes per-sample gradients, the ones that train
 #: every model family here to the same update (tests/unit/test_grad_sample_mode.py). Not "ghost":
 #: it needs Opacus' own criterion wrapper and was measured slower (docs/performance.md).
@@ -215,8 +217,10 @@ class ModelConfig:
     aux_weight: float = 0.1
     intensity_weight: float = 0.0  # > 0: a second head predicts emotion intensity (datasets that label it)
     modality_dropout: float = 0.0  # training only: each present modality of a sample dropped w.p. this
+    prior: str = "none"  # face_expressions: the linear face encoder starts as the face recogniser
 
     def __post_init__(self) -> None:
+        _choice("model.prior", self.prior, MODEL_PRIORS)
         registry.ENCODERS.check(self.encoder)
         registry.FUSIONS.check(self.fusion)
         _positive("model.hidden", self.hidden, integer=True)

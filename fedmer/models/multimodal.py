@@ -296,7 +296,7 @@ def build_model_for(cfg: ExperimentConfig, data: MultimodalDataset) -> Multimoda
             f"{cfg.data.name!r}: that dataset has no intensity labels; set model.intensity_weight=0 "
             "or choose a dataset that labels intensity (data.name=ravdess)"
         )
-    return build_model(
+    model = build_model(
         cfg.model,
         data.feature_slices,
         data.num_classes,
@@ -304,3 +304,15 @@ def build_model_for(cfg: ExperimentConfig, data: MultimodalDataset) -> Multimoda
         intensity_classes=len(data.intensity_names),
         standardize=cfg.data.standardize != "none",
     )
+    if cfg.model.prior != "none":  # a public starting point (fedmer.models.prior): no data read
+        from fedmer.data.ravdess import FACE_FEATURES
+        from fedmer.models.prior import apply_prior
+
+        apply_prior(
+            model,
+            cfg.model.prior,
+            modalities=data.modalities,
+            class_names=data.class_names,
+            face_features=FACE_FEATURES,
+        )
+    return model
