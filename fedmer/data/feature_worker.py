@@ -1,6 +1,6 @@
 """Fill the RAVDESS speech feature cache for some actors, in a process of its own.
 
-    python -m fedmer.data.feature_worker KIND SEQ_LEN CACHE_DIR ACTOR_DIR...
+    python -m fedmer.data.feature_worker [--clips=ID,ID,...] KIND SEQ_LEN CACHE_DIR ACTOR_DIR...
 
 :func:`fedmer.data.ravdess.speech_of_actors` starts one per core when the cache is cold. A
 plain subprocess, not a multiprocessing pool: a pool's workers re-import the caller's main
@@ -19,11 +19,16 @@ __all__ = ["main"]
 
 
 def main(argv: list[str]) -> int:
-    """Extract and cache each actor folder in ``argv[3:]``; 0 when all are cached."""
+    """Extract and cache each actor folder (only the clips ``--clips`` names, if given); 0 when all
+    are cached."""
+    clips = None
+    if argv and argv[0].startswith("--clips="):
+        clips = frozenset(argv[0].removeprefix("--clips=").split(","))
+        argv = argv[1:]
     kind, seq_len, cache_dir, *folders = argv
     frontend = build_audio_frontend(kind, int(seq_len))
     for folder in folders:
-        load_actor_speech(Path(folder), frontend, Path(cache_dir))
+        load_actor_speech(Path(folder), frontend, Path(cache_dir), clips=clips)
     return 0
 
 

@@ -32,7 +32,8 @@ genders alternate) are held out for test. ``data.persons_per_site``,
 **Cache.** Each actor's speech features are cached in ``<repo>/.fedmer_cache/ravdess/``
 (``FEDMER_CACHE_DIR`` overrides the root), keyed by the front-end parameters and the names and
 SHA-256 content hashes of the actor's FLAC files; writes are atomic and an unreadable cache file
-is rebuilt with a warning.
+is rebuilt with a warning. With ``complete_only`` only the kept clips' speech is extracted (15 of
+an actor's 60, cached under their own key) unless the actor's 60 clips are cached already.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -61,17 +63,20 @@ from fedmer.data.registry import register_dataset
 __all__ = [
     "CLASS_NAMES",
     "FACE_FEATURES",
+    "FACE_FEATURE_COLUMNS",
     "INTENSITY_NAMES",
     "N_ACTORS",
     "assign_actor_sites",
     "default_cache_dir",
     "expected_clip_ids",
+    "face_columns",
     "load_actor_speech",
     "load_clips",
     "load_ravdess",
     "parse_clip_id",
     "read_face_features",
     "resolve_root",
+    "select_face",
     "speech_of_actors",
     "transform_face",
 ]
@@ -89,6 +94,11 @@ _FACE_BASES = (
 )
 FACE_FEATURES: tuple[str, ...] = tuple(f"{b}_{s}" for s in ("mean", "std") for b in _FACE_BASES)
 _FACE_SCALE = np.array([0.01 if f.startswith("mouth_openness") else 1.0 for f in FACE_FEATURES])
+#: ``data.face_features``: the face columns a model reads, in this order (a subset of FACE_FEATURES).
+FACE_FEATURE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "all": FACE_FEATURES,
+    "means": tuple(f for f in FACE_FEATURES if f.endswith("_mean")),
+}
 _AUDIO_ID = re.compile(r"03-01-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)")
 _FACE_FILE = re.compile(r"01-01-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)\.mp4")
 _CACHE_VERSION = 1  # bump when the cached arrays change meaning (front-end changes have their own key)
@@ -151,19 +161,39 @@ def _actor_files(folder: Path, actor: int) -> list[Path]:
     return files
 
 
-def _cache_key(folder: Path, files: list[Path], frontend: SpeechFrontEnd) -> str:
-    stats = [(f.name, file_digest(f)) for f in files]  # content, not size+mtime
+def _cache_key(folder: Path, stats: list[tuple[str, str]], frontend: SpeechFrontEnd) -> str:
+    """Key of the features of the files ``stats`` (name, content digest) of one actor folder."""
     blob = json.dumps([_CACHE_VERSION, folder.name, stats, frontend.params()]).encode()
     return f"{folder.name}-{hashlib.sha256(blob).hexdigest()[:20]}"
 
 
-def _cache_path(folder: Path, frontend: SpeechFrontEnd, cache_dir: Path) -> Path:
+def _selected(files: list[Path], clips: Collection[str] | None) -> list[Path]:
+    """``files`` whose stem is one of ``clips`` (all of them when ``clips`` is None), in order."""
+    return files if clips is None else [f for f in files if f.stem in clips]
+
+
+def _cache_paths(
+    folder: Path, frontend: SpeechFrontEnd, cache_dir: Path, clips: Collection[str] | None = None
+) -> tuple[Path, Path]:
+    """The cache file of the actor's 60 clips, and that of the clips in ``clips`` (the same file
+    when ``clips`` is None); each FLAC is hashed once (content, not size+mtime)."""
     files = _actor_files(folder, int(folder.name.removeprefix("Actor_")))
-    return cache_dir / f"{_cache_key(folder, files, frontend)}.npz"
+    stats = [(f.name, file_digest(f)) for f in files]
+    full = cache_dir / f"{_cache_key(folder, stats, frontend)}.npz"
+    if clips is None:
+        return full, full
+    chosen = [s for s, f in zip(stats, files, strict=True) if f.stem in clips]
+    return full, cache_dir / f"{_cache_key(folder, chosen, frontend)}.npz"
 
 
-def speech_of_actors(actor_dirs: list[Path], kind: str, seq_len: int, cache_dir: Path) -> np.ndarray:
+def speech_of_actors(
+    actor_dirs: list[Path], kind: str, seq_len: int, cache_dir: Path, clips: Collection[str] | None = None
+) -> np.ndarray:
     """Every actor's speech features, in order; actors not cached yet are extracted on every core.
+
+    ``clips`` (clip identifiers): only those clips, in identifier order, and only those are
+    extracted when the cache is cold (``data.complete_only`` keeps 15 of each actor's 60: a
+    quarter of the work); an actor whose 60 clips are cached already is read from that file.
 
     openSMILE and the numpy front-ends run one clip at a time on one core; a cold cache of 24
     actors took 278 s for eGeMAPS here. The workers (``fedmer.data.feature_worker``, one
@@ -172,16 +202,19 @@ def speech_of_actors(actor_dirs: list[Path], kind: str, seq_len: int, cache_dir:
     here, where a damaged file raises its usual error.
     """
     frontend = build_audio_frontend(kind, seq_len)
-    paths = [_cache_path(d, frontend, cache_dir) for d in actor_dirs]  # each FLAC hashed once
+    keys = [_cache_paths(d, frontend, cache_dir, clips) for d in actor_dirs]
+    # an actor whose 60 clips are cached is sliced from that file; otherwise the selection's own
+    paths = [full if full.is_file() else chosen for full, chosen in keys]
     cold = [d for d, path in zip(actor_dirs, paths, strict=True) if not path.is_file()]
     workers = min(len(cold), len(os.sched_getaffinity(0)))
     if workers > 1:
         _log.info("extracting %s features of %d actors on %d processes", kind, len(cold), workers)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        only = [] if clips is None else [f"--clips={','.join(sorted(clips))}"]
+        argv = [sys.executable, "-m", "fedmer.data.feature_worker", *only, kind, str(seq_len), str(cache_dir)]
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "fedmer.data.feature_worker", kind, str(seq_len), str(cache_dir)]
-                + [str(d) for d in cold[i::workers]],
+                argv + [str(d) for d in cold[i::workers]],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -193,23 +226,35 @@ def speech_of_actors(actor_dirs: list[Path], kind: str, seq_len: int, cache_dir:
             _, err = proc.communicate()
             if proc.returncode != 0:
                 _log.warning("a feature worker failed (rc %d): %s", proc.returncode, err.strip()[-500:])
-    return np.concatenate(
-        [load_actor_speech(d, frontend, cache_file=path) for d, path in zip(actor_dirs, paths, strict=True)]
-    )
+    parts = []
+    for d, (full, _), path in zip(actor_dirs, keys, paths, strict=True):
+        if path == full and clips is not None:  # the actor's 60 clips, cached: take the selection
+            keep = [f.stem in clips for f in _actor_files(d, int(d.name.removeprefix("Actor_")))]
+            parts.append(load_actor_speech(d, frontend, cache_file=full)[np.array(keep, bool)])
+        else:
+            parts.append(load_actor_speech(d, frontend, cache_file=path, clips=clips))
+    return np.concatenate(parts)
 
 
 def load_actor_speech(
-    folder: Path, frontend: SpeechFrontEnd, cache_dir: Path | None = None, *, cache_file: Path | None = None
+    folder: Path,
+    frontend: SpeechFrontEnd,
+    cache_dir: Path | None = None,
+    *,
+    cache_file: Path | None = None,
+    clips: Collection[str] | None = None,
 ) -> np.ndarray:
-    """``(60, seq_len, n_features)`` float32 speech features of one actor, in identifier order.
+    """``(n, seq_len, n_features)`` float32 speech features of one actor, in identifier order:
+    its 60 clips, or those whose identifier is in ``clips``.
 
-    ``cache_file``: its cache file when the caller already keyed it (:func:`_cache_path`).
+    ``cache_file``: the cache file of these clips when the caller already keyed it (:func:`_cache_paths`).
     """
     actor = int(folder.name.removeprefix("Actor_"))
     files = _actor_files(folder, actor)
     path = cache_file
     if path is None and cache_dir is not None:
-        path = cache_dir / f"{_cache_key(folder, files, frontend)}.npz"
+        path = _cache_paths(folder, frontend, cache_dir, clips)[1]
+    files = _selected(files, clips)
     shape = (len(files), frontend.seq_len, frontend.n_features)
     if path is not None and path.is_file():
         try:
@@ -220,7 +265,7 @@ def load_actor_speech(
             return x
         except (OSError, ValueError, KeyError, EOFError) as err:
             _log.warning("ignoring unreadable cache file %s (%s); recomputing", path, err)
-    x = np.stack([frontend(read_flac(f)) for f in files])
+    x = np.stack([frontend(read_flac(f)) for f in files]) if files else np.zeros(shape, np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"non-finite speech features in {folder}; a FLAC file there is damaged")
     if path is not None:
@@ -252,6 +297,24 @@ def transform_face(values: np.ndarray, kind: str) -> np.ndarray:
         raise ConfigError(f"invalid data.face_transform={kind!r}: expected none or logodds")
     q = np.clip(values, 0.0, 1.0)
     return np.log((q + FACE_LOGODDS_EPS) / (1.0 + FACE_LOGODDS_EPS - q)).astype(np.float32)
+
+
+def face_columns(kind: str) -> tuple[str, ...]:
+    """``data.face_features``: the names of the face columns a model reads (``all``: the 56;
+    ``means``: the 28 per-clip means, without the within-clip stds)."""
+    if kind not in FACE_FEATURE_COLUMNS:
+        raise ConfigError(
+            f"invalid data.face_features={kind!r}: expected one of {', '.join(FACE_FEATURE_COLUMNS)}"
+        )
+    return FACE_FEATURE_COLUMNS[kind]
+
+
+def select_face(values: np.ndarray, columns: tuple[str, ...] | list[str]) -> np.ndarray:
+    """The ``columns`` (names of FACE_FEATURES) of one clip's (56,) face features, in that order."""
+    unknown = [c for c in columns if c not in FACE_FEATURES]
+    if unknown:
+        raise ValueError(f"unknown face feature columns {unknown}; known: {', '.join(FACE_FEATURES)}")
+    return values[[FACE_FEATURES.index(c) for c in columns]]
 
 
 def read_face_features(path: Path, clip_ids: set[str]) -> dict[str, np.ndarray]:
@@ -322,25 +385,31 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
         raise ConfigError(f"{folder / 'audio16k'} lacks the actor folders {', '.join(absent)}")
     ids = [c for a in range(1, N_ACTORS + 1) for c in expected_clip_ids(a)]
     labels = np.array([parse_clip_id(c) for c in ids], dtype=np.int64)
-    cache = default_cache_dir()
-    speech = speech_of_actors(actor_dirs, cfg.audio_frontend, cfg.seq_len, cache)
-    face = np.zeros((len(ids), len(FACE_FEATURES)), np.float32)
+    for d in actor_dirs:  # every actor's 60 files are checked before any face row or audio is read
+        _actor_files(d, int(d.name.removeprefix("Actor_")))
+    columns = face_columns(cfg.face_features)
+    face = np.zeros((len(ids), len(columns)), np.float32)
     has_face = np.zeros(len(ids), bool)
     if "face" in modalities or cfg.complete_only:  # complete_only needs to know which clips have a face
         rows = read_face_features(folder / "face_features.csv", set(ids))
         for k, clip in enumerate(ids):
             if clip in rows:
-                face[k], has_face[k] = transform_face(rows[clip], cfg.face_transform), True
-    parts = {"speech": (speech, np.ones(len(ids), bool)), "face": (face[:, None, :], has_face)}
+                face[k] = transform_face(select_face(rows[clip], columns), cfg.face_transform)
+                has_face[k] = True
+    # complete_only: the clips that recorded every modality RAVDESS offers (the 360 with a face),
+    # whichever are selected, so speech alone can be compared with fusion on the same clips.
+    # Only their speech is extracted (a quarter of a cold cache's work).
+    keep = has_face if cfg.complete_only else np.ones(len(ids), bool)
+    kept = {c for c, k in zip(ids, keep, strict=True) if k} if cfg.complete_only else None
+    speech = speech_of_actors(actor_dirs, cfg.audio_frontend, cfg.seq_len, default_cache_dir(), kept)
+    n = int(keep.sum())
+    parts = {"speech": (speech, np.ones(n, bool)), "face": (face[keep][:, None, :], has_face[keep])}
     widths = [parts[m][0].shape[2] for m in modalities]
     bounds = np.cumsum([0, *widths])
-    x = np.zeros((len(ids), cfg.seq_len, int(bounds[-1])), np.float32)
+    x = np.zeros((n, cfg.seq_len, int(bounds[-1])), np.float32)
     mask = np.stack([parts[m][1] for m in modalities], axis=1)
     for j, m in enumerate(modalities):
         x[:, :, bounds[j] : bounds[j + 1]] = parts[m][0]
-    # complete_only: the clips that recorded every modality RAVDESS offers (the 360 with a face),
-    # whichever are selected, so speech alone can be compared with fusion on the same clips.
-    keep = has_face if cfg.complete_only else np.ones(len(ids), bool)
     _log.info(
         "ravdess: %d clips from %d actors, %d with face features; modalities %s, complete_only=%s -> %d",
         len(ids),
@@ -351,8 +420,8 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
         int(keep.sum()),
     )
     return MultimodalDataset(
-        x=x[keep],
-        mask=mask[keep],
+        x=x,
+        mask=mask,
         y=labels[keep, 0],
         person=labels[keep, 2],
         site=np.zeros(int(keep.sum()), np.int64),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -157,7 +159,7 @@ def test_infinite_target_means_clipping_without_noise_reported_as_inf() -> None:
         )
 
 
-def test_client_side_clipping_mod_clips_the_outgoing_message() -> None:
+def test_client_side_clipping_mod_clips_the_outgoing_message(tmp_path: Path) -> None:
     """The whole ClientApp (with its mods) under client-side fixed clipping at norm 0.01."""
     from client.app import app
     from fedmer.data.registry import load_client_dataset
@@ -179,7 +181,7 @@ def test_client_side_clipping_mod_clips_the_outgoing_message() -> None:
         dst_node_id=1,
         message_type=MessageType.TRAIN,
     )
-    flat = cfg.to_run_config() | {"output.dir": "/tmp/fedmer-test-client-level"}
+    flat = cfg.to_run_config() | {"output.dir": str(tmp_path)}  # a fresh ledger every run
     context = Context(
         run_id=1,
         node_id=1,

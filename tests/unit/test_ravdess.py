@@ -22,6 +22,7 @@ from fedmer.data.ravdess import (
     FACE_FEATURES,
     INTENSITY_NAMES,
     assign_actor_sites,
+    default_cache_dir,
     expected_clip_ids,
     load_actor_speech,
     load_ravdess,
@@ -39,6 +40,8 @@ if not (DATA / "audio16k").is_dir():
 pytestmark = pytest.mark.data
 
 CFG = DataConfig(name="ravdess")
+#: The feature cache the full-dataset loads use (before any test points FEDMER_CACHE_DIR elsewhere).
+CACHE = default_cache_dir()
 SPEECH_DIMS = AudioFrontEnd("logmel", CFG.seq_len).n_features
 
 
@@ -63,6 +66,18 @@ def _tmp_root(tmp_path: Path, monkeypatch, copy: str = "Actor_01") -> Path:
             (audio / actor.name).symlink_to(actor, target_is_directory=True)
     shutil.copyfile(DATA / "face_features.csv", tmp_path / "data" / "ravdess" / "face_features.csv")
     return tmp_path / "data"
+
+
+def _seed_cache(tmp_path: Path, *, cold: tuple[str, ...] = (), keep: tuple[str, ...] | None = None) -> None:
+    """Links to the repository cache's files (of the actors ``keep``, default all) but those of
+    ``cold``, in :func:`_tmp_root`'s cache folder: same actor folder names and content, so the
+    same keys, and a load there extracts only what is not linked."""
+    cache = tmp_path / "cache" / "ravdess"
+    cache.mkdir(parents=True)
+    for f in CACHE.glob("Actor_*.npz"):
+        actor = f.name.split("-")[0]
+        if actor not in cold and (keep is None or actor in keep):
+            (cache / f.name).symlink_to(f)
 
 
 def test_registered() -> None:
@@ -156,8 +171,9 @@ def test_complete_only_and_audio_only() -> None:
     assert [len(p) for p in _both(audio360)] == [len(p) for p in _both(av)]
     assert all(np.array_equal(a.y, b.y) for a, b in zip(_both(audio360), _both(av), strict=True))
     assert audio.train.modalities == ("speech",) and audio.train.feature_dims == {"speech": SPEECH_DIMS}
-    mfcc = load_ravdess(DataConfig(name="ravdess", modalities="speech", audio_frontend="mfcc"), 4, 0)
-    assert mfcc.train.feature_dims == {"speech": AudioFrontEnd("mfcc").n_features}
+    # the front-end choice is passed through (complete_only: a quarter of a cold cache's extraction)
+    mfcc = DataConfig(name="ravdess", modalities="speech", audio_frontend="mfcc", complete_only=True)
+    assert load_ravdess(mfcc, 4, 0).train.feature_dims == {"speech": AudioFrontEnd("mfcc").n_features}
 
 
 def test_cache_is_reused_and_a_corrupt_file_rebuilt(tmp_path, monkeypatch, caplog) -> None:
@@ -194,13 +210,39 @@ def test_cold_actors_are_extracted_on_every_core_with_the_same_features(tmp_path
     assert len(list((tmp_path / "warm").glob("*.npz"))) == 3
 
 
+def test_a_clip_selection_extracts_only_those_clips_and_reuses_a_whole_actors_cache(tmp_path, split) -> None:
+    """``clips`` (complete_only's 15 clips an actor) from a cold cache: only they are extracted,
+    on the workers, under their own key, equal to the whole actors' rows; an actor whose 60 clips
+    are cached (here by the ``split`` fixture) is sliced from that file, nothing extracted."""
+    dirs = [DATA / "audio16k" / f"Actor_{a:02d}" for a in (8, 9)]
+    fe = AudioFrontEnd("logmel", CFG.seq_len)
+    whole = np.concatenate([load_actor_speech(d, fe, CACHE) for d in dirs])
+    ids = [c for d in dirs for c in expected_clip_ids(int(d.name[-2:]))]
+    av = {c for c in ids if c.split("-")[4:6] == ["01", "01"]}  # statement 01, repetition 01
+    expected = whole[np.array([c in av for c in ids])]
+
+    cold = tmp_path / "cold"
+    np.testing.assert_array_equal(speech_of_actors(dirs, "logmel", CFG.seq_len, cold, clips=av), expected)
+    written = sorted(cold.glob("*.npz"))
+    assert len(written) == 2 and all(np.load(f)["x"].shape == (15, CFG.seq_len, SPEECH_DIMS) for f in written)
+
+    _seed_cache(tmp_path / "warm", keep=("Actor_08", "Actor_09"))
+    before = set((tmp_path / "warm").rglob("*"))
+    warm = tmp_path / "warm" / "cache" / "ravdess"
+    np.testing.assert_array_equal(speech_of_actors(dirs, "logmel", CFG.seq_len, warm, clips=av), expected)
+    assert set((tmp_path / "warm").rglob("*")) == before  # sliced from the 60-clip files
+
+
 def test_bad_root_says_what_layout_is_expected(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"data.root=.*ravdess/audio16k/Actor_01.*official RAVDESS release"):
         load_ravdess(DataConfig(name="ravdess", root=str(tmp_path)), 4, 0)
 
 
-def test_corrupt_flac_is_named(tmp_path, monkeypatch) -> None:
+def test_corrupt_flac_is_named(tmp_path, monkeypatch, split) -> None:
+    """Two cold actors (the ``split`` fixture warmed the others): one worker fails on the damaged
+    file, and the load then names it."""
     root = _tmp_root(tmp_path, monkeypatch)
+    _seed_cache(tmp_path, cold=("Actor_01", "Actor_02"))
     bad = root / "ravdess" / "audio16k" / "Actor_01" / "03-01-05-02-01-01-01.flac"
     bad.write_bytes(b"fLaC but not really" * 10)
     with pytest.raises(ValueError, match="03-01-05-02-01-01-01.flac"):
