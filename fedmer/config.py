@@ -259,7 +259,7 @@ class PrivacyConfig:
     client_clipping_side: str = "server"
     stats_clip_norm: float = 20.0  # data.standardize=federated under DP-SGD: L2 bound of a sample's stats
     stats_epsilon_fraction: float = 0.1  # share of target_epsilon the stats release may spend alone
-    recipe: str = "manual"  # auto: batch, local steps and lr chosen per client for DP-SGD
+    recipe: str = "auto"  # batch, local steps and lr chosen per client for DP-SGD; manual: as configured
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # Opacus' per-sample gradients: speed, not privacy
     reply_metrics: str = AUTO  # what leaves a node besides the clipped update (REPLY_METRICS)
 

@@ -22,7 +22,7 @@ quietest setting leaves more noise per averaged gradient than :data:`NOISE_STEP_
 (small clients at small epsilon), the lr also shrinks by ``NOISE_STEP_REF / noise``
 (:func:`noise_lr_scale`), so that a step's noise does not undo what the earlier steps learnt.
 
-What it looks at: the client's sample count (which every reply declares as ``num-examples``),
+What it looks at: the client's sample count (treated as public: README, "What leaves a node"),
 the planned rounds, the target ``(epsilon, delta)`` and the accountant: no sample, label or
 gradient. Its first two constants were chosen on the built-in synthetic data (public), the
 third (:data:`NOISE_STEP_REF`) by validation across RAVDESS' training sites only (never its

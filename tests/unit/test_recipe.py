@@ -34,12 +34,19 @@ def test_a_bad_recipe_name_is_refused() -> None:
 
 
 def test_manual_is_the_configured_recipe_and_noise() -> None:
-    cfg = ExperimentConfig()
+    cfg = ExperimentConfig.from_run_config({"privacy.recipe": "manual"})
     r = local_recipe(cfg, 640)
     f = cfg.federation
     assert (r.batch_size, r.epochs, r.lr) == (f.batch_size, f.local_epochs, f.lr)
     assert r.noise_multiplier == dp_sgd_noise(cfg, 640)
     assert (r.sample_rate, r.steps_per_round * f.num_rounds) == planned_steps(640, 128, 2, 20)
+
+
+def test_auto_is_the_default_under_dp_sgd() -> None:
+    cfg = ExperimentConfig()
+    assert cfg.privacy.sample_level and cfg.privacy.recipe == "auto"
+    r = local_recipe(cfg, 640)
+    assert r.why != "as configured (privacy.recipe=manual)" and r.noise_per_step <= NOISE_PER_STEP_MAX
 
 
 def test_a_small_client_gets_full_batch_dp_gd() -> None:
