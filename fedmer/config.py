@@ -45,6 +45,8 @@ SCENARIOS: tuple[str, ...] = ("driving", "clinic")
 AUDIO_FRONTENDS: tuple[str, ...] = ("logmel", "mfcc", "egemaps")
 #: RAVDESS face features (probabilities and intensities in [0, 1]): as given, or on the log-odds scale.
 FACE_TRANSFORMS: tuple[str, ...] = ("none", "logodds")
+#: RAVDESS face columns: all 56 per-clip numbers, or the 28 per-clip means (no within-clip stds).
+FACE_FEATURE_SETS: tuple[str, ...] = ("all", "means")
 TEXT_ENCODERS: tuple[str, ...] = ("tokens", "minilm")
 #: Input standardisation: none, or per-feature mean/std from the clients' (DP) sums.
 STANDARDIZE: tuple[str, ...] = ("none", "federated")
@@ -139,6 +141,7 @@ class DataConfig:
     text_encoder: str = "tokens"  # MELD: trainable token embeddings, or pretrained MiniLM sentence vectors
     complete_only: bool = False  # RAVDESS: only the 360 clips with a face, whichever modalities are selected
     face_transform: str = "none"  # RAVDESS: logodds maps each face number q to log((q+.01)/(1.01-q))
+    face_features: str = "all"  # RAVDESS: all 56 face numbers, or "means": the 28 per-clip means
     standardize: str = "none"  # federated: per-feature mean/std from every client's sums before round 1
 
     def __post_init__(self) -> None:
@@ -147,6 +150,13 @@ class DataConfig:
         _choice("data.audio_frontend", self.audio_frontend, AUDIO_FRONTENDS)
         _choice("data.text_encoder", self.text_encoder, TEXT_ENCODERS)
         _choice("data.face_transform", self.face_transform, FACE_TRANSFORMS)
+        _choice("data.face_features", self.face_features, FACE_FEATURE_SETS)
+        if self.face_features != "all" and self.name != "ravdess":
+            _fail(
+                "data.face_features",
+                self.face_features,
+                f"only RAVDESS has face features; data.name={self.name} has none, so set it to all",
+            )
         if self.face_transform != "none" and self.name != "ravdess":
             _fail(
                 "data.face_transform",

@@ -129,7 +129,7 @@ class ModelBundle:
 def frontend_settings(cfg: ExperimentConfig, modalities: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per modality, the front-end that turns a recording into the model's feature columns."""
     from fedmer.data.audio_features import build_audio_frontend
-    from fedmer.data.ravdess import FACE_FEATURES
+    from fedmer.data.ravdess import face_columns
 
     out: dict[str, dict[str, Any]] = {}
     for m in modalities:
@@ -139,7 +139,7 @@ def frontend_settings(cfg: ExperimentConfig, modalities: Sequence[str]) -> dict[
         elif cfg.data.name == "ravdess" and m == "face":
             out[m] = {
                 "type": "face_csv",
-                "columns": list(FACE_FEATURES),
+                "columns": list(face_columns(cfg.data.face_features)),  # data.face_features
                 "scaling": "mouth_openness_* / 100; others as given; constant over frames",
                 "transform": cfg.data.face_transform,  # data.face_transform (logodds: log((q+.01)/(1.01-q)))
             }

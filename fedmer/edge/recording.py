@@ -20,10 +20,12 @@ import numpy as np
 from fedmer.data.audio_features import SAMPLE_RATE, SpeechFrontEnd, build_audio_frontend, read_flac
 from fedmer.data.ravdess import (
     CLASS_NAMES,
+    FACE_FEATURES,
     N_ACTORS,
     expected_clip_ids,
     parse_clip_id,
     read_face_features,
+    select_face,
     transform_face,
 )
 from fedmer.edge.bundle import BundleMeta
@@ -140,7 +142,13 @@ def read_face_row(meta: BundleMeta, csv_path: Path, audio_path: Path) -> np.ndar
             f"{csv_path} has no face features for {audio_path.stem} (expected a row for "
             f"01-{audio_path.stem[3:]}.mp4)"
         )
-    return transform_face(rows[audio_path.stem], str(meta.data.get("face_transform", "none")))
+    # the columns the model was trained on, as the bundle lists them (data.face_features)
+    columns = list(meta.frontends.get("face", {}).get("columns", FACE_FEATURES))
+    try:
+        values = select_face(rows[audio_path.stem], columns)
+    except ValueError as err:
+        raise RecordingError(f"bundle's face columns: {err}") from None
+    return transform_face(values, str(meta.data.get("face_transform", "none")))
 
 
 def pack(

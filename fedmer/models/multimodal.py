@@ -305,7 +305,7 @@ def build_model_for(cfg: ExperimentConfig, data: MultimodalDataset) -> Multimoda
         standardize=cfg.data.standardize != "none",
     )
     if cfg.model.prior != "none":  # a public starting point (fedmer.models.prior): no data read
-        from fedmer.data.ravdess import FACE_FEATURES
+        from fedmer.data.ravdess import face_columns
         from fedmer.models.prior import apply_prior
 
         apply_prior(
@@ -313,6 +313,6 @@ def build_model_for(cfg: ExperimentConfig, data: MultimodalDataset) -> Multimoda
             cfg.model.prior,
             modalities=data.modalities,
             class_names=data.class_names,
-            face_features=FACE_FEATURES,
+            face_features=face_columns(cfg.data.face_features),
         )
     return model
