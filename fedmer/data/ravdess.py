@@ -63,17 +63,20 @@ from fedmer.data.registry import register_dataset
 __all__ = [
     "CLASS_NAMES",
     "FACE_FEATURES",
+    "FACE_FEATURE_COLUMNS",
     "INTENSITY_NAMES",
     "N_ACTORS",
     "assign_actor_sites",
     "default_cache_dir",
     "expected_clip_ids",
+    "face_columns",
     "load_actor_speech",
     "load_clips",
     "load_ravdess",
     "parse_clip_id",
     "read_face_features",
     "resolve_root",
+    "select_face",
     "speech_of_actors",
     "transform_face",
 ]
@@ -91,6 +94,11 @@ _FACE_BASES = (
 )
 FACE_FEATURES: tuple[str, ...] = tuple(f"{b}_{s}" for s in ("mean", "std") for b in _FACE_BASES)
 _FACE_SCALE = np.array([0.01 if f.startswith("mouth_openness") else 1.0 for f in FACE_FEATURES])
+#: ``data.face_features``: the face columns a model reads, in this order (a subset of FACE_FEATURES).
+FACE_FEATURE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "all": FACE_FEATURES,
+    "means": tuple(f for f in FACE_FEATURES if f.endswith("_mean")),
+}
 _AUDIO_ID = re.compile(r"03-01-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)")
 _FACE_FILE = re.compile(r"01-01-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)\.mp4")
 _CACHE_VERSION = 1  # bump when the cached arrays change meaning (front-end changes have their own key)
@@ -291,6 +299,24 @@ def transform_face(values: np.ndarray, kind: str) -> np.ndarray:
     return np.log((q + FACE_LOGODDS_EPS) / (1.0 + FACE_LOGODDS_EPS - q)).astype(np.float32)
 
 
+def face_columns(kind: str) -> tuple[str, ...]:
+    """``data.face_features``: the names of the face columns a model reads (``all``: the 56;
+    ``means``: the 28 per-clip means, without the within-clip stds)."""
+    if kind not in FACE_FEATURE_COLUMNS:
+        raise ConfigError(
+            f"invalid data.face_features={kind!r}: expected one of {', '.join(FACE_FEATURE_COLUMNS)}"
+        )
+    return FACE_FEATURE_COLUMNS[kind]
+
+
+def select_face(values: np.ndarray, columns: tuple[str, ...] | list[str]) -> np.ndarray:
+    """The ``columns`` (names of FACE_FEATURES) of one clip's (56,) face features, in that order."""
+    unknown = [c for c in columns if c not in FACE_FEATURES]
+    if unknown:
+        raise ValueError(f"unknown face feature columns {unknown}; known: {', '.join(FACE_FEATURES)}")
+    return values[[FACE_FEATURES.index(c) for c in columns]]
+
+
 def read_face_features(path: Path, clip_ids: set[str]) -> dict[str, np.ndarray]:
     """Audio identifier -> (56,) float32 scaled face features; errors name the bad column or row."""
     if not path.is_file():
@@ -361,13 +387,15 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
     labels = np.array([parse_clip_id(c) for c in ids], dtype=np.int64)
     for d in actor_dirs:  # every actor's 60 files are checked before any face row or audio is read
         _actor_files(d, int(d.name.removeprefix("Actor_")))
-    face = np.zeros((len(ids), len(FACE_FEATURES)), np.float32)
+    columns = face_columns(cfg.face_features)
+    face = np.zeros((len(ids), len(columns)), np.float32)
     has_face = np.zeros(len(ids), bool)
     if "face" in modalities or cfg.complete_only:  # complete_only needs to know which clips have a face
         rows = read_face_features(folder / "face_features.csv", set(ids))
         for k, clip in enumerate(ids):
             if clip in rows:
-                face[k], has_face[k] = transform_face(rows[clip], cfg.face_transform), True
+                face[k] = transform_face(select_face(rows[clip], columns), cfg.face_transform)
+                has_face[k] = True
     # complete_only: the clips that recorded every modality RAVDESS offers (the 360 with a face),
     # whichever are selected, so speech alone can be compared with fusion on the same clips.
     # Only their speech is extracted (a quarter of a cold cache's work).
