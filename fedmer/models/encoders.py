@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from opacus.layers import DPGRU
@@ -31,6 +32,7 @@ __all__ = [
     "LinearMeansEncoder",
     "TCNEncoder",
     "build_encoder",
+    "contiguous_grad",
     "register_modality_encoder",
 ]
 
@@ -63,6 +65,32 @@ class AttentivePool(nn.Module):
         return (pooled, w) if return_weights else pooled
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    Below 32 samples a batch, torch's expanded-weights ``Conv1d`` computes its per-sample
+    gradients with ``grad_output.view(...)``, which fails on a strided gradient (one that comes
+    back through a transpose, or from the expanded-weights GroupNorm): "view size is not
+    compatible". Placed right after the convolution, it makes that gradient contiguous (a copy
+    only where it is not). Opacus' default batch of 128 never took that path; the auto recipe's
+    smaller batches do.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: Tensor) -> Tensor:
+    """``x``, whose gradient reaches the layer before it contiguous (see :class:`_ContiguousGrad`)."""
+    out: Tensor = _ContiguousGrad.apply(x)
+    return out
+
+
 class _ConvBlock(nn.Module):
     """Conv1d -> GroupNorm -> GELU; 'same' padding, so only ``stride`` changes the time length."""
 
@@ -80,7 +108,8 @@ class _ConvBlock(nn.Module):
         return a channels-last tensor, which Opacus' expanded-weights GroupNorm refuses; made
         contiguous here (a no-op for every other input).
         """
-        return self.act(self.norm(self.conv(x).contiguous()))
+        y = contiguous_grad(self.conv(x).contiguous())
+        return self.act(self.norm(y))
 
 
 class TCNEncoder(nn.Module):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fedmer.config import ConfigError
 from fedmer.data.text_features import TEXT_BUCKETS
-from fedmer.models.encoders import register_modality_encoder
+from fedmer.models.encoders import contiguous_grad, register_modality_encoder
 
 __all__ = ["PAD_SCORE", "SentenceVectorEncoder", "TokenTextEncoder", "build_text_encoder"]
 
@@ -64,7 +64,7 @@ class TokenTextEncoder(nn.Module):
         ids = self.token_ids(x)
         keep = (ids != 0).unsqueeze(-1).to(self.embed.weight.dtype)
         e = self.embed(ids) * keep
-        c = self.act(self.conv(e.transpose(1, 2))).transpose(1, 2) * keep
+        c = self.act(contiguous_grad(self.conv(e.transpose(1, 2)))).transpose(1, 2) * keep
         return self.norm(e + c) * keep, keep.squeeze(-1)
 
     def forward(self, x: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:

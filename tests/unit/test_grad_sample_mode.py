@@ -128,6 +128,28 @@ def test_a_one_feature_modality_takes_hooks_update_with_expanded_weights(encoder
     _assert_same_update("ew", cfg, data, 1.0, batch=16)
 
 
+@pytest.mark.parametrize("modalities", [("text",), ("speech", "text")])
+def test_token_text_below_32_a_batch_takes_hooks_update_with_expanded_weights(
+    modalities: tuple[str, ...],
+) -> None:
+    """MELD's layout under the auto recipe's small batches: torch's expanded-weights Conv1d takes
+    its grouped path below 32 samples, which needs the (transposed) gradient contiguous."""
+    g = torch.Generator().manual_seed(0)
+    n, t = 64, 10
+    ids = torch.randint(1, 4096, (n, t, 1), generator=g).float()
+    ids[:, 7:] = 0  # padding
+    x = torch.cat([torch.randn(n, t, 3, generator=g), ids], dim=2) if len(modalities) == 2 else ids
+    slices = ((0, 3), (3, 4)) if len(modalities) == 2 else ((0, 1),)
+    data = MultimodalDataset(
+        x=x.numpy(), mask=torch.ones(n, len(modalities), dtype=torch.bool).numpy(),
+        y=torch.randint(0, 3, (n,), generator=g).numpy(), person=torch.arange(n).numpy(),
+        site=torch.zeros(n, dtype=torch.int64).numpy(), modalities=modalities,
+        feature_slices=slices, class_names=("a", "b", "c"),
+    )  # fmt: skip
+    cfg = replace(ExperimentConfig(), model=ModelConfig(hidden=8))
+    _assert_same_update("ew", cfg, data, 1.0, batch=16)
+
+
 def test_an_empty_batch_sets_empty_grad_samples_and_no_forward(data: MultimodalDataset) -> None:
     torch.manual_seed(0)
     net = build_model_for(ExperimentConfig(), data)
