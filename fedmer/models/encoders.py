@@ -87,6 +87,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def contiguous_grad(x: Tensor) -> Tensor:
     """``x``, whose gradient reaches the layer before it contiguous (see :class:`_ContiguousGrad`)."""
+    if not x.requires_grad or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return x  # no backward to fix; TorchScript/ONNX export cannot trace a Python autograd Function
     out: Tensor = _ContiguousGrad.apply(x)
     return out
 
