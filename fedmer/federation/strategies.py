@@ -164,7 +164,10 @@ class AccountedStrategy(fs.Strategy):
         report = self.rounds.setdefault(server_round, RoundReport(server_round))
         sent = self._sent[1] if self._sent and self._sent[0] == server_round else None
         reference = as_arrays(sent) if sent is not None else None  # once a round, not per reply
-        weight_key = getattr(self.inner, "weighted_by_key", rk.NUM_EXAMPLES)
+        # Flower's DP wrappers hold the weighted strategy as ``.strategy``
+        wrapped = getattr(self.inner, "strategy", None)
+        inner_key = getattr(wrapped, "weighted_by_key", rk.NUM_EXAMPLES)
+        weight_key = getattr(self.inner, "weighted_by_key", inner_key)
         accepted = []
         for msg in replies:
             if msg.has_error():
