@@ -31,6 +31,7 @@ __all__ = [
     "ModelConfig",
     "PartitionConfig",
     "PrivacyConfig",
+    "RUNTIMES",
     "StrategyConfig",
     "run_config_keys",
     "unknown_keys_error",
@@ -364,6 +365,12 @@ class StrategyConfig:
             _fail("strategy.num_malicious", self.num_malicious, "expected an integer >= 0")
 
 
+#: Simulation runtimes (``federation.runtime``): ``ray`` is Flower's Simulation Runtime, clients on
+#: Ray actors side by side (``client_cpus`` each); ``inprocess`` runs every ClientApp call in the
+#: run's own process, one after another (no Ray start-up: for sweeps that run jobs side by side).
+RUNTIMES = ("ray", "inprocess")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """Clients, rounds, sampling and the local training recipe."""
@@ -377,6 +384,8 @@ class FederationConfig:
     batch_size: int = 128
     lr: float = 0.1
     client_cpus: float = 1.0
+    #: How a simulation runs its clients (``RUNTIMES``); a deployment ignores it.
+    runtime: str = "ray"
     max_failed_fraction: float = 0.5  # a run whose share of failed or rejected trainings exceeds this fails
     #: Nodes that must be connected before a round samples (0: all ``num_clients``). A deployment
     #: sets it below ``num_clients`` so a dead node does not stall every later round.
@@ -405,6 +414,7 @@ class FederationConfig:
         _positive("federation.batch_size", self.batch_size, integer=True)
         _positive("federation.lr", self.lr)
         _positive("federation.client_cpus", self.client_cpus)
+        _choice("federation.runtime", self.runtime, RUNTIMES)
         _fraction("federation.max_failed_fraction", self.max_failed_fraction, low_open=False)
 
     @property

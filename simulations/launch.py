@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -80,6 +81,9 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, run_id: int | None
     context = Context(
         run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
+    if cfg.federation.runtime == "inprocess":
+        _simulate_in_process(cfg, client_app, run_config, run_id)
+        return run_id
     log.info("simulating %d clients on Flower's Ray runtime", cfg.federation.num_clients)
     with flower_patches():  # polling and context registration that do not grow with every node
         _run_simulation(
@@ -95,3 +99,24 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, run_id: int | None
             verbose_logging=verbose,
         )
     return run_id
+
+
+def _simulate_in_process(cfg: ExperimentConfig, client_app: ClientApp, run_config: dict, run_id: int) -> None:
+    """``federation.runtime=inprocess``: the same ServerApp and ClientApp, no Ray.
+
+    Every ClientApp call runs here, one after another, on :class:`SequentialGrid` (which
+    reproduces the Ray runtime's metrics bit for bit, ``tests/e2e/test_simulation.py``). One core
+    per run and no start-up: a sweep then runs its jobs side by side (the frontier's joblib
+    launcher) instead of each job's clients side by side.
+    """
+    import torch
+
+    from server.app import run_server
+    from simulations.sequential import SequentialGrid
+
+    torch.set_num_threads(1)  # what the ClientApp does on a Ray actor
+    log.info(
+        "simulating %d clients in this process (federation.runtime=inprocess)", cfg.federation.num_clients
+    )
+    grid = SequentialGrid(client_app, cfg.federation.num_clients, run_config, run_id=run_id)
+    run_server(grid, cfg, run_id)

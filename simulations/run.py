@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,18 +30,23 @@ from omegaconf import DictConfig
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.data.registry import check_partitions
 from fedmer.results.checkpoint import resumable_checkpoint
-from fedmer.results.layout import RESUME_CHECKPOINT, SUMMARY_JSON, run_dir
+from fedmer.results.layout import SUMMARY_JSON, run_dir
 from simulations.compose import CONFIG_DIR, compose_config, experiment_from_hydra
+from simulations.interrupt import exit_interrupted, handle_ctrl_c, set_run_folder
 from simulations.launch import new_run_id, simulate
 from simulations.ray_session import keep_ray
 
-__all__ = ["CONFIG_DIR", "Interrupted", "JobFailed", "cli", "experiment_from_hydra", "main", "run"]
+__all__ = [
+    "CONFIG_DIR",
+    "Interrupted",
+    "JobFailed",
+    "cli",
+    "experiment_from_hydra",
+    "main",
+    "run",
+]
 
 log = logging.getLogger("fedmer")
-
-#: Exit status of a run stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
-EXIT_INTERRUPTED = 130
-
 
 class Interrupted(Exception):  # noqa: N818 - names the event, like KeyboardInterrupt
     """Ctrl-C during a run; ``folder`` is its run folder (resumable once a round finished)."""
@@ -65,6 +69,7 @@ def run(exp: ExperimentConfig) -> dict[str, Any]:
         log.info("resuming %s from its checkpoint after round %d", folder, ckpt.server_round)
         exp = replace(exp, output_dir=str(folder))
     run_id = new_run_id()
+    set_run_folder(run_dir(exp.output_dir, run_id))
     try:
         simulate(exp, run_id=run_id)
     except KeyboardInterrupt:
@@ -82,8 +87,9 @@ def run(exp: ExperimentConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float:
     """Run one composed config; return the final held-out UAR (for sweepers)."""
     logging.getLogger("flwr").propagate = False  # Flower logs to its own handler; don't print twice
+    handle_ctrl_c()  # Ctrl-C: exit 130 within seconds, even if a library swallows the interrupt
     if _in_sweep():  # every job of a sweep after the first starts on the same Ray session and actors
-        keep_ray()
+        keep_ray()  # (a no-op for jobs with federation.runtime=inprocess: they never start Ray)
     try:
         exp = experiment_from_hydra(cfg)
         summary = run(exp)
@@ -92,7 +98,7 @@ def main(cfg: DictConfig) -> float:
     except RuntimeError as err:  # a failed run never exits 0 (its files stay for a post-mortem)
         _fail_job(str(err), 1)
     except Interrupted as stop:
-        _exit_interrupted(stop.folder)
+        exit_interrupted(stop.folder)
     final = summary["final"]
     log.info(
         "final held-out UAR %.4f (accuracy %.4f, macro-F1 %.4f); max client epsilon %s at delta %s (%s)",
@@ -126,25 +132,6 @@ def _fail_job(message: str, code: int) -> NoReturn:
 def _in_sweep() -> bool:
     """True inside a ``-m`` sweep's job (Hydra's basic launcher runs them one after another here)."""
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _exit_interrupted(folder: Path) -> None:
-    """Stop Ray, say how to resume, and leave now: the ServerApp thread may be mid-round."""
-    try:
-        import ray
-
-        ray.shutdown()  # the raylet, GCS and workers this process started
-    except Exception as err:
-        log.warning("could not stop Ray cleanly: %s", err)
-    if (folder / RESUME_CHECKPOINT).exists():
-        args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
-        log.error("interrupted; to resume: fedmer run %s resume=%s", " ".join(args), folder)
-    else:
-        log.error("interrupted before the first round finished; nothing to resume in %s", folder)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED)  # not sys.exit: Flower's non-daemon ServerApp thread would block it
 
 
 def cli(argv: list[str]) -> int:

@@ -33,6 +33,53 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, _stop_as_interrupt)
 
 
+#: Real datasets whose on-disk feature cache several tests fill and read (names as in node ids).
+CACHED_DATASETS = ("ravdess", "meld", "stress_predict")
+
+
+def xdist_group_of(nodeid: str) -> str:
+    """The group of tests that ``make test`` (pytest-xdist, ``--dist loadgroup``) runs on one
+    worker, one after another:
+
+    - ``e2e``: every e2e test that starts Ray (never two Ray clusters at once; some time a
+      shutdown; they share the session's quick run);
+    - ``e2e-deployment``: the secured federation of real SuperLink/SuperNode processes (no Ray,
+      its own ports, keys and Flower home; mostly waiting on nodes), beside the Ray group;
+    - ``data-<name>``: the tests that name a real dataset with a feature cache (a cold cache is
+      then extracted once, not by both workers at once);
+    - otherwise the test's module (its module-scoped fixtures are built once, as serially).
+    """
+    if nodeid.rfind("@") > nodeid.rfind("]"):  # xdist's own "@group" suffix, should it ever work
+        nodeid = nodeid.rsplit("@", 1)[0]
+    module = nodeid.split("::")[0]
+    if module == "tests/e2e/test_deployment.py":
+        return "e2e-deployment"
+    if module.startswith("tests/e2e/"):
+        return "e2e"
+    return next((f"data-{name}" for name in CACHED_DATASETS if name in nodeid), module)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist it is never called
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadgroup`` with the groups of :func:`xdist_group_of`.
+
+    xdist 3.8's own ``xdist_group`` marks do nothing under pytest 9.2 (it renames the items'
+    ``_nodeid``, which pytest no longer reads), so the groups are decided here, from node ids,
+    by the controller's scheduler: each group goes to one worker, whole, in collection order
+    (not xdist's default of the groups with most tests first).
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid)
+
+    config.option.loadscopereorder = False  # groups in collection order: the e2e groups, the longest, first
+    return GroupScheduling(config, log)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Keep torch to one thread in tests: faster and deterministic on 2 cores."""

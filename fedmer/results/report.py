@@ -21,7 +21,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedmer.results.layout import AUDIT_JSON, CONFIG_JSON, ROUNDS_JSONL
+from fedmer.results.intervals import auc_interval, distinguishable, mean_interval
+from fedmer.results.layout import AUDIT_JSON, CONFIG_JSON, ROUNDS_JSONL, SUMMARY_JSON
 from fedmer.results.recorder import read_rounds
 from fedmer.results.report_figures import plot_attack_auc, plot_learning_curves, plot_uar_vs_epsilon
 
@@ -42,13 +43,15 @@ _Key = TypeVar("_Key", bound=Hashable)
 
 RUN_COLUMNS = (
     "run", "dataset", "data", "scenario", "strategy", "fusion", "privacy_mode", "target_epsilon", "seed",
-    "uar", "accuracy", "macro_f1", "epsilon", "client_epsilon", "unit_epsilon", "delta", "accountant",
-    "unit", "rounds", "loss_auc", "loss_tpr_1pct", "lira_auc", "lira_offline_auc", "lira_tpr_1pct",
+    "clients", "clients_per_round", "uar", "chance_uar", "accuracy", "macro_f1", "epsilon",
+    "client_epsilon", "unit_epsilon", "delta", "accountant", "unit", "rounds", "loss_auc",
+    "loss_auc_lo", "loss_auc_hi", "loss_tpr_1pct", "lira_auc", "lira_offline_auc", "lira_tpr_1pct",
 )  # fmt: skip
 ROUND_COLUMNS = (
     "run",
     "dataset",
     "privacy_mode",
+    "clients",
     "target_epsilon",
     "strategy",
     "seed",
@@ -77,8 +80,11 @@ def _audit_columns(run_dir: Path) -> dict[str, Any]:
     def get(name: str, key: str) -> Any:
         return attacks.get(name, {}).get(key)
 
+    loss_ci = get("loss_threshold", "auc_ci95") or [None, None]
     return {
         "loss_auc": get("loss_threshold", "auc"),
+        "loss_auc_lo": loss_ci[0],
+        "loss_auc_hi": loss_ci[1],
         "loss_tpr_1pct": get("loss_threshold", "tpr_at_1pct_fpr"),
         "lira_auc": get("lira_online", "auc"),
         "lira_offline_auc": get("lira_offline", "auc"),
@@ -115,6 +121,10 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
                 rc["federation.num_rounds"],
             )
         name = str(run_dir.relative_to(root)) if run_dir != Path(root) else run_dir.name
+        summary = (
+            json.loads((run_dir / SUMMARY_JSON).read_text()) if (run_dir / SUMMARY_JSON).exists() else {}
+        )
+        clients = int(rc["federation.num_clients"])
         final, mode = rows[-1], rc["privacy.mode"]
         target = _eps(rc["privacy.target_epsilon"]) if mode != "off" else math.inf
         sample_eps = _eps(final["epsilon_max"])
@@ -124,6 +134,7 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
             "target_epsilon": target,
             "strategy": rc["strategy.name"],
             "seed": rc["seed"],
+            "clients": clients,
         }
         runs.append(
             {
@@ -132,7 +143,13 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
                 "data": rc["data.name"],
                 "scenario": rc["data.scenario"],
                 "fusion": rc["model.fusion"],
+                "clients": clients,
+                "clients_per_round": max(
+                    int(clients * float(rc["federation.fraction_train"])),
+                    int(rc["federation.min_train_clients"]),
+                ),
                 "uar": final["uar"],
+                "chance_uar": summary.get("chance_uar"),
                 "accuracy": final["accuracy"],
                 "macro_f1": final["macro_f1"],
                 "epsilon": sample_eps,
@@ -201,33 +218,64 @@ def pivot_table(
 
 
 def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (dataset, unit, strategy, target epsilon): means and sds over seeds."""
-    groups = group_rows(runs, lambda r: (r["dataset"], r["privacy_mode"], r["strategy"], r["target_epsilon"]))
+    """One row per (dataset, unit, strategy, clients, target epsilon): means, sds and 95% intervals.
+
+    ``beats_chance``: the UAR interval over seeds lies above chance. ``leak``: the loss attack's
+    AUC interval lies above 0.5. ``vs_no_dp``: whether the cell's attack AUC interval is
+    distinguishable from that of the same dataset's no-DP cell (None without one).
+    """
+    groups = group_rows(
+        runs, lambda r: (r["dataset"], r["privacy_mode"], r["strategy"], r["clients"], r["target_epsilon"])
+    )
     out = []
-    for (dataset, mode, strategy, target), members in sorted(groups.items()):
+    for (dataset, mode, strategy, clients, target), members in sorted(groups.items()):
         uar, uar_sd = _mean_sd([m["uar"] for m in members])
+        uar_ci = mean_interval([m["uar"] for m in members])
+        chance = members[0].get("chance_uar")
         loss_auc, loss_sd = _mean_sd([m.get("loss_auc") for m in members])
+        audited = [m for m in members if m.get("loss_auc") is not None]
+        loss_ci = auc_interval(
+            [m["loss_auc"] for m in audited],
+            [(_num(m.get("loss_auc_lo")), _num(m.get("loss_auc_hi"))) for m in audited],
+        )
         lira_auc, lira_sd = _mean_sd([m.get("lira_auc") for m in members])
         out.append(
             {
                 "dataset": dataset,
                 "privacy_mode": mode,
                 "strategy": strategy,
+                "clients": clients,
+                "clients_per_round": members[0]["clients_per_round"],
                 "target_epsilon": target,
                 "runs": len(members),
                 "uar": uar,
                 "uar_sd": uar_sd,
+                "uar_ci": uar_ci,
+                "chance_uar": chance,
+                "beats_chance": None if chance is None or math.isnan(uar_ci[0]) else uar_ci[0] > chance,
                 "unit_epsilon": max(m["unit_epsilon"] for m in members),
                 "delta": members[0]["delta"],
                 "accountant": "Flower RDP" if mode == "client" else members[0]["accountant"],
                 "loss_auc": loss_auc,
                 "loss_auc_sd": loss_sd,
+                "loss_auc_ci": loss_ci,
+                "leak": None if math.isnan(loss_ci[0]) else loss_ci[0] > 0.5,
                 "lira_auc": lira_auc,
                 "lira_auc_sd": lira_sd,
                 "lira_runs": sum(m.get("lira_auc") is not None for m in members),
             }
         )
+    for g in out:  # each cell's leakage against its dataset's no-DP cell (the one with most runs)
+        refs = [r for r in out if r["dataset"] == g["dataset"] and r["privacy_mode"] == "off"]
+        ref = max(refs, key=lambda r: r["runs"], default=None)
+        g["vs_no_dp"] = (
+            None if ref is None or ref is g else distinguishable(g["loss_auc_ci"], ref["loss_auc_ci"])
+        )
     return out
+
+
+def _num(value: Any) -> float:
+    return math.nan if value in (None, "") else float(value)
 
 
 def _fmt(v: float, sd: float | None = None) -> str:
@@ -236,19 +284,34 @@ def _fmt(v: float, sd: float | None = None) -> str:
     return f"{v:.3f}" if sd is None else f"{v:.3f} ± {sd:.3f}"
 
 
+def _yes_no(value: bool | None, yes: str = "yes", no: str = "no") -> str:
+    return "–" if value is None else (yes if value else no)
+
+
+def _interval(ci: tuple[float, float]) -> str:
+    return "–" if math.isnan(ci[0]) else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def _table(groups: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| dataset | unit | strategy | target ε | runs | UAR mean ± sd | ε reached (δ, accountant) "
-        "| loss-attack AUC | LiRA AUC (runs) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | unit | strategy | clients (per round) | target ε | runs | UAR mean ± sd "
+        "| UAR 95% interval | beats chance | ε reached (δ, accountant) "
+        "| loss-attack AUC [95% interval] | leak detected "
+        "| leakage vs no DP | LiRA AUC (runs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         eps = g["unit_epsilon"]
         reached = "∞" if math.isinf(eps) else f"{eps:.3g} (δ={g['delta']:g}, {g['accountant']})"
         lira = f"{_fmt(g['lira_auc'])} ({g['lira_runs']})" if g["lira_runs"] else "–"
+        chance = g["chance_uar"]
+        beats = _yes_no(g["beats_chance"]) + (f" (chance {chance:.3f})" if chance is not None else "")
+        auc = "–" if math.isnan(g["loss_auc"]) else f"{g['loss_auc']:.3f} {_interval(g['loss_auc_ci'])}"
         cells = [
-            g["dataset"], g["privacy_mode"], g["strategy"], f"{g['target_epsilon']:g}", str(g["runs"]),
-            _fmt(g["uar"], g["uar_sd"]), reached, _fmt(g["loss_auc"], g["loss_auc_sd"]), lira,
+            g["dataset"], g["privacy_mode"], g["strategy"], f"{g['clients']} ({g['clients_per_round']})",
+            "–" if g["privacy_mode"] == "off" else f"{g['target_epsilon']:g}", str(g["runs"]),
+            _fmt(g["uar"], g["uar_sd"]), _interval(g["uar_ci"]), beats, reached, auc, _yes_no(g["leak"]),
+            _yes_no(g["vs_no_dp"], "distinguishable", "not distinguishable"), lira,
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -286,8 +349,13 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
         "ε is that of the unit the run protects, cumulative over the whole run: for `sample` one training "
         "sequence within a client (DP-SGD, max over clients), for `client` one whole client (Flower's "
         "accountant, no sampling amplification); its δ and accountant are given with it. Target ε = inf "
-        "is the same pipeline with noise 0 (clipping only). Attack AUC: membership inference against one "
-        "client's training persons vs held-out persons (0.5 = no leak detected).\n\n"
+        "is the same pipeline with noise 0 (clipping only); unit `off` is the non-private reference. "
+        "UAR 95% interval: Student t over the cell's runs (seeds); the cell beats chance when the interval "
+        "lies above chance UAR. Attack AUC: loss-threshold membership inference against one client's "
+        "training persons vs held-out persons (0.5 = no leak), its interval combines each target model's "
+        "bootstrap interval with the spread between the cell's target models; a leak is detected when the "
+        "interval lies above 0.5, and a cell's leakage is distinguishable from the no-DP cell's when the "
+        "two intervals do not overlap.\n\n"
         + "\n".join(_table(groups))
         + "\n\n"
         + "\n\n".join(f"![{title}]({path.name})" for title, path in figures)

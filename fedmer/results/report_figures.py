@@ -52,32 +52,44 @@ def _xs(targets: Sequence[float], inf_x: float) -> list[float]:
 
 
 def plot_uar_vs_epsilon(groups: list[dict[str, Any]], path: Path) -> Path:
-    """Mean held-out UAR ± sd over seeds against the target epsilon, per strategy and unit."""
+    """Mean held-out UAR ± sd over seeds against the target epsilon, per strategy, unit and fleet size.
+
+    The no-DP reference (unit ``off``) is a horizontal line, chance a grey dotted one; series of
+    one unit that differ only in the number of clients are told apart by colour and label.
+    """
     datasets = sorted({g["dataset"] for g in groups})
     fig, axes = _panels(datasets)
-    colours = {s: f"C{i}" for i, s in enumerate(sorted({g["strategy"] for g in groups}))}
     for ax, dataset in zip(axes[0], datasets, strict=True):
         mine = [g for g in groups if g["dataset"] == dataset]
-        inf_x = _x_axis(ax, [g["target_epsilon"] for g in mine])
-        series: dict[tuple[str, str], list[dict]] = defaultdict(list)
-        for g in mine:
-            series[(g["strategy"], g["privacy_mode"])].append(g)
-        for (strategy, mode), pts in sorted(series.items()):
+        curves = [g for g in mine if g["privacy_mode"] != "off"]
+        inf_x = _x_axis(ax, [g["target_epsilon"] for g in curves] or [1.0])
+        series: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
+        for g in curves:
+            series[(g["strategy"], g["privacy_mode"], g.get("clients", 0))].append(g)
+        several = len({k[2] for k in series}) > 1
+        for i, ((strategy, mode, clients), pts) in enumerate(sorted(series.items())):
             pts.sort(key=lambda g: g["target_epsilon"])
+            fleet = f", {clients} clients ({pts[0].get('clients_per_round', '?')}/round)" if several else ""
             ax.errorbar(
                 _xs([g["target_epsilon"] for g in pts], inf_x),
                 [g["uar"] for g in pts],
                 yerr=[g["uar_sd"] for g in pts],
-                color=colours[strategy],
+                color=f"C{i}",
                 linestyle=_STYLE.get(mode, "-"),
                 marker="o",
                 markersize=3,
                 capsize=2,
-                label=f"{strategy}, per {mode}",
+                label=f"{strategy}, per {mode}{fleet}",
             )
+        for j, ref in enumerate(g for g in mine if g["privacy_mode"] == "off"):
+            ax.axhline(ref["uar"], color="black", linewidth=1.0, linestyle=_STYLE["off"], alpha=0.8 - 0.2 * j,
+                       label=f"{ref['strategy']}, no DP ({ref.get('clients', '?')} clients)")  # fmt: skip
+        chance = next((g.get("chance_uar") for g in mine if g.get("chance_uar") is not None), None)
+        if chance is not None:
+            ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
         ax.set_title(dataset)
         ax.set_ylabel("held-out UAR (mean ± sd over seeds)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle("Privacy/accuracy frontier (solid: ε per sample, dashed: ε per client)", fontsize=10)
     return save_figure(fig, path)
 
@@ -85,7 +97,13 @@ def plot_uar_vs_epsilon(groups: list[dict[str, Any]], path: Path) -> Path:
 def plot_learning_curves(rounds: list[dict[str, Any]], path: Path) -> Path:
     """Mean UAR per round for each target epsilon (over strategies and seeds); row = unit."""
     datasets = sorted({r["dataset"] for r in rounds})
-    modes = sorted({r["privacy_mode"] for r in rounds})
+    several = len({r.get("clients") for r in rounds}) > 1  # a fleet-size axis: a row per unit and size
+    unit = (
+        (lambda r: (r["privacy_mode"], r.get("clients")))
+        if several
+        else (lambda r: (r["privacy_mode"], None))
+    )
+    modes = sorted({unit(r) for r in rounds}, key=lambda m: (m[0], m[1] or 0))
     fig, axes = _panels(datasets, rows=len(modes))
     targets = sorted({r["target_epsilon"] for r in rounds})
     cmap = plt.get_cmap("viridis")
@@ -94,7 +112,7 @@ def plot_learning_curves(rounds: list[dict[str, Any]], path: Path) -> Path:
         for ax, dataset in zip(row, datasets, strict=True):
             curves: dict[float, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
             for r in rounds:
-                if r["dataset"] == dataset and r["privacy_mode"] == mode:
+                if r["dataset"] == dataset and unit(r) == mode:
                     curves[r["target_epsilon"]][int(r["round"])].append(float(r["uar"]))
             for target in sorted(curves):
                 by_round = sorted(curves[target].items())
@@ -104,7 +122,11 @@ def plot_learning_curves(rounds: list[dict[str, Any]], path: Path) -> Path:
                     color=colour[target],
                     label="ε = ∞" if math.isinf(target) else f"ε = {target:g}",
                 )
-            ax.set_title(f"{dataset}, per {mode}", fontsize=9)
+            size = f", {mode[1]} clients" if mode[1] is not None else ""
+            ax.set_title(
+                f"{dataset}, per {mode[0]}{size}" if mode[0] != "off" else f"{dataset}, no DP{size}",
+                fontsize=9,
+            )
             ax.set_xlabel("round")
             ax.set_ylabel("held-out UAR")
             ax.grid(alpha=0.3)

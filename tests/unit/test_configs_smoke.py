@@ -31,6 +31,13 @@ OPTIONS = sorted(
 #: Real datasets and their folder under ../shared/data (configs using them skip without it).
 REAL_DATA_FOLDERS = {"stress_predict": "stress-predict", "ravdess": "ravdess", "meld": "meld"}
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+#: Groups that only an experiment's defaults list holds (``fleet``: the frontier's fleet axis).
+GROUP_EXPERIMENT = {"fleet": "frontier"}
+
+
+def _group_overrides(group: str, option: str) -> list[str]:
+    experiment = GROUP_EXPERIMENT.get(group)
+    return [f"+experiment={experiment}", f"{group}={option}"] if experiment else [f"{group}={option}"]
 
 
 def _data_mark(overrides: list[str]) -> list[pytest.MarkDecorator]:
@@ -105,10 +112,10 @@ def _one_round(overrides: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("group", "option"),
-    [pytest.param(g, o, marks=_data_mark([f"{g}={o}"]), id=f"{g}={o}") for g, o in OPTIONS],
+    [pytest.param(g, o, marks=_data_mark(_group_overrides(g, o)), id=f"{g}={o}") for g, o in OPTIONS],
 )
 def test_group_option_composes_and_runs_a_round(group: str, option: str) -> None:
-    overrides = [f"{group}={option}"]
+    overrides = _group_overrides(group, option)
     if group == "strategy" and option in ("krum", "multikrum", "bulyan", "fedtrimmedavg"):
         overrides.append("federation.num_clients=10")
     if group == "partition":  # label skew needs enough samples per class to fill 10 clients

@@ -38,10 +38,12 @@ def test_report_groups_seeds_and_keeps_epsilon_with_delta(tmp_path: Path) -> Non
     _run(tmp_path / "2", 0, [0.2, 0.9], mode="off")
     (tmp_path / "3").mkdir()  # a job that died before its first round: no files
     report = write_report(tmp_path).read_text()
+    # two seeds: a t interval over 1 degree of freedom; no chance UAR in these files: no verdict
     assert (
-        "| synthetic driving | sample | fedavg | 4 | 2 | 0.600 ± 0.141 | 1 (δ=1e-05, rdp) | – | – |" in report
+        "| synthetic driving | sample | fedavg | 10 (10) | 4 | 2 | 0.600 ± 0.141 | [-0.671, 1.871] | – "
+        "| 1 (δ=1e-05, rdp) | – | – | – | – |" in report
     )
-    assert "| synthetic driving | off | fedavg | inf | 1 | 0.900 ± 0.000 | ∞ | – | – |" in report
+    assert "| synthetic driving | off | fedavg | 10 (10) | – | 1 | 0.900 ± 0.000 | – | – | ∞ |" in report
     with open(tmp_path / "runs.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 3
     assert (tmp_path / "uar_vs_epsilon.png").stat().st_size > 0
@@ -72,8 +74,8 @@ def test_client_unit_reports_the_client_epsilon_and_audits_feed_the_attack_plot(
     assert row["unit"].startswith("one whole client") and float(row["delta"]) == 1e-5
     assert float(row["loss_auc"]) == 0.61 and float(row["lira_auc"]) == 0.66
     assert (
-        "| client | fedavg | 2 | 1 | 0.300 ± 0.000 | 1.9 (δ=1e-05, Flower RDP) | 0.610 ± 0.000 | 0.660 (1) |"
-        in report
+        "| client | fedavg | 10 (10) | 2 | 1 | 0.300 ± 0.000 | – | – | 1.9 (δ=1e-05, Flower RDP) | 0.610 – "
+        "| – | – | 0.660 (1) |" in report
     )
     assert (tmp_path / "attack_auc_vs_epsilon.png").stat().st_size > 0
 
@@ -100,3 +102,25 @@ def test_one_run_per_folder(tmp_path: Path) -> None:
     (tmp_path / "b" / RUN_LOCK).write_text("999999999")  # a pid no process has
     RunRecorder(tmp_path / "b", cfg)
     assert (tmp_path / "b" / RUN_LOCK).read_text() == str(os.getpid())
+
+
+def _audited(folder: Path, seed: int, uar: float, mode: str, auc: float, half: float) -> None:
+    import json
+
+    _run(folder, seed, [0.2, uar], mode=mode)
+    summary = json.loads((folder / "summary.json").read_text())
+    (folder / "summary.json").write_text(json.dumps({**summary, "chance_uar": 0.2}))
+    attack = {"auc": auc, "auc_ci95": [auc - half, auc + half], "tpr_at_1pct_fpr": None}
+    (folder / "audit.json").write_text(json.dumps({"attacks": {"loss_threshold": attack}}))
+
+
+def test_cells_say_whether_they_beat_chance_and_leak_from_intervals(tmp_path: Path) -> None:
+    for seed, (uar, auc) in enumerate([(0.80, 0.70), (0.82, 0.72), (0.79, 0.71)]):  # no DP: leaks
+        _audited(tmp_path / f"off{seed}", seed, uar, "off", auc, 0.03)
+    for seed, (uar, auc) in enumerate([(0.21, 0.50), (0.26, 0.52), (0.18, 0.49)]):  # DP: neither
+        _audited(tmp_path / f"dp{seed}", seed, uar, "sample", auc, 0.05)
+    lines = [line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("| synthetic")]
+    off, dp = sorted(lines)
+    assert "| yes (chance 0.200) |" in off and "| yes | – |" in off  # beats chance; leak; no self-compare
+    assert "| no (chance 0.200) |" in dp  # 0.217 ± 0.04 over 3 seeds: its interval reaches chance
+    assert "| no | distinguishable |" in dp  # no leak detected, and clearly below the no-DP leakage
