@@ -32,6 +32,7 @@ held-out actors); none reads a sample at run time, so choosing spends no privacy
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -130,13 +131,19 @@ def choose_recipe(
         rate, steps = planned_steps(n, batch, epochs, num_rounds)
         if options and options[-1][5] <= NOISE_PER_STEP_MAX and steps < options[-1][0]:
             break  # every setting left takes fewer steps than one that already fits
-        sigma = noise_for_target(target_epsilon, delta, rate, steps, accountant, prior=prior)
+        sigma = (
+            0.0  # epsilon = inf: clipping without noise, every setting fits
+            if math.isinf(target_epsilon)
+            else noise_for_target(target_epsilon, delta, rate, steps, accountant, prior=prior)
+        )
         options.append((steps, batch, epochs, rate, sigma, sigma / (rate * n)))
     fits = [o for o in options if o[5] <= NOISE_PER_STEP_MAX]
     if fits:
         steps, batch, epochs, rate, sigma, noise = max(fits, key=lambda o: (o[0], -o[5]))
         why = (
-            f"the most steps ({steps} over {num_rounds} rounds) whose noise per averaged gradient "
+            f"epsilon = inf, no noise: the most steps ({steps} over {num_rounds} rounds)"
+            if math.isinf(target_epsilon)
+            else f"the most steps ({steps} over {num_rounds} rounds) whose noise per averaged gradient "
             f"sigma*C/B = {noise:.4f} C stays within {NOISE_PER_STEP_MAX:g} C"
         )
     else:

@@ -69,14 +69,13 @@ def stats_prior(cfg: ExperimentConfig) -> tuple[HistoryEntry, ...]:
 
 
 def _auto(cfg: ExperimentConfig) -> bool:
-    """The DP-aware recipe applies: asked for, DP-SGD on, noise derived from a finite target."""
+    """The DP-aware recipe applies: asked for, DP-SGD on, noise derived from the target.
+
+    A target of inf (the frontier's right end: clipping, no noise) goes through the same
+    recipe with noise 0, so that point differs from epsilon = 8 by the noise alone.
+    """
     p = cfg.privacy
-    return (
-        p.recipe == "auto"
-        and p.sample_level
-        and p.noise_multiplier is None
-        and not math.isinf(p.target_epsilon)
-    )
+    return p.recipe == "auto" and p.sample_level and p.noise_multiplier is None
 
 
 def local_recipe(cfg: ExperimentConfig, num_examples: int) -> LocalRecipe:

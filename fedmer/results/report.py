@@ -230,13 +230,15 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (dataset, mode, strategy, clients, target), members in sorted(groups.items()):
         uar, uar_sd = _mean_sd([m["uar"] for m in members])
-        uar_ci = mean_interval([m["uar"] for m in members])
+        uar_ci = _clip(mean_interval([m["uar"] for m in members]))
         chance = members[0].get("chance_uar")
         loss_auc, loss_sd = _mean_sd([m.get("loss_auc") for m in members])
         audited = [m for m in members if m.get("loss_auc") is not None]
-        loss_ci = auc_interval(
-            [m["loss_auc"] for m in audited],
-            [(_num(m.get("loss_auc_lo")), _num(m.get("loss_auc_hi"))) for m in audited],
+        loss_ci = _clip(
+            auc_interval(
+                [m["loss_auc"] for m in audited],
+                [(_num(m.get("loss_auc_lo")), _num(m.get("loss_auc_hi"))) for m in audited],
+            )
         )
         lira_auc, lira_sd = _mean_sd([m.get("lira_auc") for m in members])
         out.append(
@@ -272,6 +274,11 @@ def group_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             None if ref is None or ref is g else distinguishable(g["loss_auc_ci"], ref["loss_auc_ci"])
         )
     return out
+
+
+def _clip(ci: tuple[float, float]) -> tuple[float, float]:
+    """An interval of a rate (UAR, AUC) cut to [0, 1], where the rate lives."""
+    return (min(max(ci[0], 0.0), 1.0), min(max(ci[1], 0.0), 1.0)) if not math.isnan(ci[0]) else ci
 
 
 def _num(value: Any) -> float:

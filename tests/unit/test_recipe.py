@@ -56,6 +56,16 @@ def test_a_small_client_gets_full_batch_dp_gd() -> None:
     assert "quietest" in r.why  # type: ignore[attr-defined]
 
 
+def test_epsilon_inf_is_the_same_recipe_without_noise() -> None:
+    """The frontier's right end differs from a finite epsilon by the noise alone: the most steps."""
+    r = _choose(240, rounds=8, eps=math.inf)
+    assert r.noise_multiplier == 0.0 and r.noise_per_step == 0.0  # type: ignore[attr-defined]
+    assert (r.batch_size, r.epochs) == (30, 2) and r.steps_per_round == 16  # type: ignore[attr-defined]
+    assert r.why.startswith("epsilon = inf, no noise")  # type: ignore[attr-defined]
+    cfg = ExperimentConfig.from_run_config({"privacy.target_epsilon": math.inf, "federation.num_rounds": 8})
+    assert local_recipe(cfg, 240) == _choose(240, rounds=8, eps=math.inf) and dp_sgd_noise(cfg, 240) == 0.0
+
+
 @pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(

@@ -38,9 +38,9 @@ def test_report_groups_seeds_and_keeps_epsilon_with_delta(tmp_path: Path) -> Non
     _run(tmp_path / "2", 0, [0.2, 0.9], mode="off")
     (tmp_path / "3").mkdir()  # a job that died before its first round: no files
     report = write_report(tmp_path).read_text()
-    # two seeds: a t interval over 1 degree of freedom; no chance UAR in these files: no verdict
+    # two seeds: a t interval over 1 degree of freedom, cut to [0, 1]; no chance UAR here: no verdict
     assert (
-        "| synthetic driving | sample | fedavg | 10 (10) | 4 | 2 | 0.600 ± 0.141 | [-0.671, 1.871] | – "
+        "| synthetic driving | sample | fedavg | 10 (10) | 4 | 2 | 0.600 ± 0.141 | [0.000, 1.000] | – "
         "| 1 (δ=1e-05, rdp) | – | – | – | – |" in report
     )
     assert "| synthetic driving | off | fedavg | 10 (10) | – | 1 | 0.900 ± 0.000 | – | – | ∞ |" in report
@@ -119,7 +119,8 @@ def test_cells_say_whether_they_beat_chance_and_leak_from_intervals(tmp_path: Pa
         _audited(tmp_path / f"off{seed}", seed, uar, "off", auc, 0.03)
     for seed, (uar, auc) in enumerate([(0.21, 0.50), (0.26, 0.52), (0.18, 0.49)]):  # DP: neither
         _audited(tmp_path / f"dp{seed}", seed, uar, "sample", auc, 0.05)
-    lines = [line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("| synthetic")]
+    report = write_report(tmp_path).read_text()
+    lines = [line for line in report.splitlines() if line.startswith("| synthetic")]
     off, dp = sorted(lines)
     assert "| yes (chance 0.200) |" in off and "| yes | – |" in off  # beats chance; leak; no self-compare
     assert "| no (chance 0.200) |" in dp  # 0.217 ± 0.04 over 3 seeds: its interval reaches chance
