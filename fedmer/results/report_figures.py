@@ -132,7 +132,9 @@ def plot_learning_curves(rounds: list[dict[str, Any]], path: Path) -> Path:
             ax.grid(alpha=0.3)
             if curves:
                 ax.legend(fontsize=6)
-    fig.suptitle("Learning curves (mean over strategies and seeds)", fontsize=10)
+            else:  # this dataset has no runs of this unit (e.g. a fleet axis on another dataset)
+                ax.set_visible(False)
+    fig.suptitle("Learning curves (mean over strategies and seeds)", fontsize=10, y=1.0)
     return save_figure(fig, path)
 
 
