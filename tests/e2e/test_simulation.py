@@ -189,7 +189,7 @@ def test_hydra_multirun_sweep_writes_one_run_per_job_and_a_bad_job_stops_only_it
         runs = list(csv.DictReader(fh))
     assert sorted(r["seed"] for r in runs) == ["0", "1"] and all(r["delta"] == "1e-05" for r in runs)
     text = (tmp_path / "report.md").read_text()
-    assert "| synthetic driving | sample | fedavg | 8 | 2 |" in text
+    assert "| synthetic driving | sample | fedavg | 3 (3) | 8 | 2 |" in text  # 3 clients, all sampled
     assert (tmp_path / "uar_vs_epsilon.png").stat().st_size > 0
 
 

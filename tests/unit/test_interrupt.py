@@ -16,10 +16,13 @@ SWALLOWS = """
 import time
 from simulations.interrupt import handle_ctrl_c
 handle_ctrl_c()
-print("ready", flush=True)
 deadline = time.monotonic() + 60
+ready = False
 while time.monotonic() < deadline:
     try:
+        if not ready:  # inside the try: a Ctrl-C that lands during this print is swallowed too
+            ready = True
+            print("ready", flush=True)
         time.sleep(0.05)
     except KeyboardInterrupt:
         pass  # swallowed
