@@ -48,6 +48,7 @@ __all__ = [
 
 log = logging.getLogger("fedmer")
 
+
 class Interrupted(Exception):  # noqa: N818 - names the event, like KeyboardInterrupt
     """Ctrl-C during a run; ``folder`` is its run folder (resumable once a round finished)."""
 
@@ -89,7 +90,7 @@ def main(cfg: DictConfig) -> float:
     logging.getLogger("flwr").propagate = False  # Flower logs to its own handler; don't print twice
     handle_ctrl_c()  # Ctrl-C: exit 130 within seconds, even if a library swallows the interrupt
     if _in_sweep():  # every job of a sweep after the first starts on the same Ray session and actors
-        keep_ray()  # (a no-op for jobs with federation.runtime=inprocess: they never start Ray)
+        keep_ray()  # jobs with federation.runtime=inprocess never start Ray: nothing to share
     try:
         exp = experiment_from_hydra(cfg)
         summary = run(exp)

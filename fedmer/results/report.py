@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedmer.config import FederationConfig
 from fedmer.results.intervals import auc_interval, distinguishable, mean_interval
 from fedmer.results.layout import AUDIT_JSON, CONFIG_JSON, ROUNDS_JSONL, SUMMARY_JSON
 from fedmer.results.recorder import read_rounds
@@ -144,10 +145,11 @@ def collect_runs(root: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
                 "scenario": rc["data.scenario"],
                 "fusion": rc["model.fusion"],
                 "clients": clients,
-                "clients_per_round": max(
-                    int(clients * float(rc["federation.fraction_train"])),
-                    int(rc["federation.min_train_clients"]),
-                ),
+                "clients_per_round": FederationConfig(
+                    num_clients=clients,
+                    fraction_train=float(rc["federation.fraction_train"]),
+                    min_train_clients=int(rc["federation.min_train_clients"]),
+                ).clients_per_round,
                 "uar": final["uar"],
                 "chance_uar": summary.get("chance_uar"),
                 "accuracy": final["accuracy"],

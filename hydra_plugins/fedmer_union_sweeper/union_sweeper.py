@@ -15,24 +15,22 @@ overrides both, as it overrides the basic sweeper's params::
           reference: {privacy: "off"}
 
 A job that two grids both produce runs once. ``select`` runs some grids only (e.g.
-``hydra.sweeper.select=[dp]``; default: all). Everything else (batches, validation, the launcher,
-callbacks) is the basic sweeper's.
+``hydra.sweeper.select=[dp]``; default: all). Only the job list is this sweeper's own: the
+sweep itself (batches, validation, the launcher, callbacks, a failed job failing the sweep) is
+the basic sweeper's ``sweep``, unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobReturn
-from omegaconf import OmegaConf
+from hydra.core.override_parser.types import Override
 
 __all__ = ["UnionSweeper", "UnionSweeperConf", "union_jobs"]
 
@@ -109,28 +107,18 @@ class UnionSweeper(BasicSweeper):
         self.grids = {str(k): dict(v) for k, v in (grids or {}).items()}
         self.select = None if select is None else [str(name) for name in select]
 
-    def sweep(self, arguments: list[str]) -> Any:
-        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        jobs = union_jobs(self.grids, self.params, arguments, parser, self.select)
-        size = self.max_batch_size or len(jobs)
-        self.overrides = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-        log.info("union sweep: %d jobs from %d grids", len(jobs), len(self.grids))
+    def _parse_config(self) -> list[str]:
+        """No overrides ahead of the command line's: ``params`` enter each grid in :meth:`split_arguments`."""
+        return []
 
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        returns: list[Sequence[JobReturn]] = []
-        initial_job_idx = 0
-        while not self.is_done():
-            batch = self.get_job_batch()
-            tic = time.perf_counter()
-            self.validate_batch_is_legal(batch)
-            log.debug("validated %d jobs in %.2f s", len(batch), time.perf_counter() - tic)
-            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
-            initial_job_idx += len(batch)
-            returns.append(results)
-        for results in returns:  # every job has run: now a failed one fails the sweep
-            for r in results:
-                _ = r.return_value
-        return returns
+    def split_arguments(  # type: ignore[override]  # the basic sweeper's is static; this one reads the grids
+        self, overrides: list[Override], max_batch_size: int | None
+    ) -> list[list[list[str]]]:
+        """The basic sweeper's batches, over the union of the grids (``overrides``: the command line)."""
+        assert self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        arguments = [o.input_line for o in overrides if o.input_line is not None]
+        jobs = union_jobs(self.grids, self.params, arguments, parser, self.select)
+        log.info("union sweep: %d jobs", len(jobs))
+        size = max_batch_size or len(jobs)
+        return [jobs[i : i + size] for i in range(0, len(jobs), size)]
