@@ -11,6 +11,7 @@ the first Ctrl-C, the watchdog thread stops it the same way. A second Ctrl-C sto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -30,8 +31,6 @@ log = logging.getLogger("fedmer")
 EXIT_INTERRUPTED = 130
 #: Seconds after the first Ctrl-C before the watchdog stops the run itself.
 FORCE_AFTER_S = 5.0
-#: Seconds allowed for stopping Ray before leaving anyway.
-_RAY_SHUTDOWN_S = 8.0
 
 
 class _State:
@@ -66,30 +65,58 @@ def _force() -> None:
     exit_interrupted(_State.folder)
 
 
-def _stop_ray() -> None:
-    try:
+def _descendants() -> list[int]:
+    """PIDs of every process below this one (Ray's GCS, raylet, workers), read from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:  # the parent PID is the 4th field after the ")" that closes the command name
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _stop_children() -> None:
+    """Kill the processes this run started, by PID, without calling into Ray.
+
+    ``ray.shutdown()`` is not safe here: Flower's backend thread is still calling Ray, and Ray's
+    core worker ends the whole process with status 1 when it is used after a shutdown (seen in CI:
+    "The core worker has already been shutdown ... The process will exit").
+    """
+    if not Path("/proc").is_dir():  # not Linux: no process table to read; ask Ray instead
         import ray
 
-        ray.shutdown()  # the raylet, GCS and workers this process started
-    except Exception as err:
-        log.warning("could not stop Ray cleanly: %s", err)
+        ray.shutdown()
+        return
+    for pid in _descendants():
+        with contextlib.suppress(OSError):  # already gone
+            os.kill(pid, signal.SIGKILL)  # the checkpoint is on disk already; Ray holds nothing else
 
 
 def exit_interrupted(folder: Path | None) -> NoReturn:
-    """Stop Ray, say how to resume, and leave now: the ServerApp thread may be mid-round.
+    """Say how to resume, stop Ray's processes and leave now: the ServerApp thread may be mid-round.
 
     Safe from any thread, once: a second caller waits for the first to end the process.
     """
     with _State.lock:
-        stopper = threading.Thread(target=_stop_ray, daemon=True)
-        stopper.start()
-        stopper.join(_RAY_SHUTDOWN_S)
         if folder is not None and (folder / RESUME_CHECKPOINT).exists():
             args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
             log.error("interrupted; to resume: fedmer run %s resume=%s", " ".join(args), folder)
         else:
             log.error("interrupted before the first round finished; nothing to resume in %s", folder)
         logging.shutdown()
+        try:
+            _stop_children()
+        except Exception as err:  # never let a failed cleanup change the exit status
+            sys.stderr.write(f"could not stop the run's child processes: {err}\n")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)  # not sys.exit: Flower's non-daemon ServerApp thread would block it
