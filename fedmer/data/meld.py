@@ -50,7 +50,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmer.cache import REPO_ROOT, cache_dir
 from fedmer.config import ConfigError, DataConfig
 from fedmer.data.base import DatasetSplit, MultimodalDataset
 from fedmer.data.digest import file_digest
@@ -87,7 +87,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SPLIT_FILES: tuple[str, ...] = ("train_sent_emo.csv", "dev_sent_emo.csv", "test_sent_emo.csv")
 CLASS_NAMES: tuple[str, ...] = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 REQUIRED_COLUMNS: tuple[str, ...] = ("Utterance", "Speaker", "Emotion")
@@ -247,7 +246,7 @@ def _text_features(cfg: DataConfig, folder: Path, data: MeldUtterances) -> np.nd
     stats = [(n, file_digest(folder / n)) for n in SPLIT_FILES]  # content, not size+mtime
     blob = json.dumps([_CACHE_VERSION, stats, minilm_model_key()]).encode()
     key = f"minilm-{hashlib.sha256(blob).hexdigest()[:20]}"
-    cache = Path(os.environ.get("FEDMER_CACHE_DIR", REPO_ROOT / ".fedmer_cache")) / "meld"
+    cache = cache_dir("meld")
     vectors = minilm_embeddings(data.text, key, cache)
     return vectors.reshape(len(data.text), 1, MINILM_DIM)
 

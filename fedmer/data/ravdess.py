@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmer.cache import REPO_ROOT, cache_dir
 from fedmer.config import ConfigError, DataConfig
 from fedmer.data.audio_features import SpeechFrontEnd, build_audio_frontend, read_flac
 from fedmer.data.base import DatasetSplit, MultimodalDataset
@@ -83,7 +84,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CLASS_NAMES: tuple[str, ...] = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
 INTENSITY_NAMES: tuple[str, ...] = ("normal", "strong")
 N_ACTORS = 24
@@ -142,7 +142,7 @@ def resolve_root(root: str) -> Path:
 
 def default_cache_dir() -> Path:
     """``$FEDMER_CACHE_DIR/ravdess``, else ``<repo>/.fedmer_cache/ravdess`` (gitignored)."""
-    return Path(os.environ.get("FEDMER_CACHE_DIR", REPO_ROOT / ".fedmer_cache")) / "ravdess"
+    return cache_dir("ravdess")
 
 
 def _actor_files(folder: Path, actor: int) -> list[Path]:

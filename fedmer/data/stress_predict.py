@@ -64,6 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmer.cache import REPO_ROOT, cache_dir
 from fedmer.config import MODALITIES, ConfigError, DataConfig
 from fedmer.data.base import DatasetSplit, MultimodalDataset
 from fedmer.data.digest import file_digest
@@ -84,7 +85,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CLASS_NAMES: tuple[str, ...] = ("baseline", "stress")
 WINDOW_S = 60.0
 HOP_S = 30.0
@@ -212,7 +212,7 @@ def _cached(folder: Path, seq_len: int, cache_dir: Path | None) -> SubjectWindow
 
 def default_cache_dir() -> Path:
     """``$FEDMER_CACHE_DIR/stress_predict``, else ``<repo>/.fedmer_cache/stress_predict`` (gitignored)."""
-    return Path(os.environ.get("FEDMER_CACHE_DIR", REPO_ROOT / ".fedmer_cache")) / "stress_predict"
+    return cache_dir("stress_predict")
 
 
 #: The official release's sessions that do not follow the protocol (module docstring): skipped with

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmer.config import GRAD_SAMPLE_MODES
+from fedmer.privacy.noise_cache import cached_noise
 
 __all__ = [
     "DPSetup",
@@ -140,8 +141,9 @@ def noise_for_target(
 
     ``prior`` are releases the same run makes before DP-SGD (e.g. the feature-statistics
     release): the noise is then chosen so that prior plus DP-SGD meet the target together.
-    A pure function of its arguments, cached per process: every round of a planned run asks
-    for the same noise, and a search takes hundreds of epsilon evaluations.
+    A pure function of its arguments, cached per process and on disk
+    (:mod:`fedmer.privacy.noise_cache`): every round, actor and job of a planned run asks for
+    the same noise, and a search takes seconds of epsilon evaluations.
     """
     entries = tuple((float(n), float(r), int(s)) for n, r, s in prior)
     return _noise_for_target(target_epsilon, delta, sample_rate, steps, accountant, entries)
@@ -149,6 +151,25 @@ def noise_for_target(
 
 @functools.lru_cache(maxsize=4096)
 def _noise_for_target(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: tuple[HistoryEntry, ...],
+) -> float:
+    key = {  # floats as floats: 8 and 8.0 are one entry
+        "target_epsilon": float(target_epsilon),
+        "delta": float(delta),
+        "sample_rate": float(sample_rate),
+        "steps": int(steps),
+        "accountant": accountant,
+        "prior": prior,
+    }
+    return cached_noise(key, lambda: _search(target_epsilon, delta, sample_rate, steps, accountant, prior))
+
+
+def _search(
     target_epsilon: float,
     delta: float,
     sample_rate: float,
