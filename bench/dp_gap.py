@@ -282,6 +282,14 @@ def train_fedmer(
     return w
 
 
+def _standardise(x: np.ndarray, rows: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns that vary scaled to mean 0, sd 1 over ``x[rows]`` (intercepts, constant 1, kept)."""
+    mu, sd = x[rows].mean(axis=0), x[rows].std(axis=0)
+    vary = sd > 1e-9
+    mu, sd = np.where(vary, mu, 0.0), np.where(vary, sd, 1.0)
+    return (x - mu) / sd, (other - mu) / sd
+
+
 def score_fedmer(seed: int, s: Setting, cv: bool, repeats: int) -> float:
     split = split_for(seed, s)
     tr, te = split.train, split.test
@@ -294,9 +302,11 @@ def score_fedmer(seed: int, s: Setting, cv: bool, repeats: int) -> float:
         folds = site_ids if cv else [None]
         for val in folds:  # leave one training site out: validation on training actors only
             keep = tr.site != val
-            sites = [(xtr[tr.site == k], tr.y[tr.site == k]) for k in site_ids if k != val]
+            xfit, xv, yv = xtr, *((xtr[~keep], tr.y[~keep]) if cv else (xte, te.y))
+            if s.transform == "standardise":  # exact pooled statistics of the training sites: an upper
+                xfit, xv = _standardise(xtr, keep, xv)  # bound for what a DP release could give
+            sites = [(xfit[tr.site == k], tr.y[tr.site == k]) for k in site_ids if k != val]
             w = train_fedmer(sites, s, rng, fs)
-            xv, yv = (xtr[~keep], tr.y[~keep]) if cv else (xte, te.y)
             results.append(classification_report(yv, (xv @ w).argmax(axis=1), K)["uar"])
     return float(np.mean(results))
 
