@@ -149,6 +149,11 @@ def noise_for_target(
     return _noise_for_target(target_epsilon, delta, sample_rate, steps, accountant, entries)
 
 
+#: How :func:`_search` finds the noise; part of the disk cache's key, so that changing the
+#: search (its tolerance, its method) never reads an answer the old one stored.
+_SEARCH = "opacus get_noise_multiplier eps_tol 0.01; prior: geometric bisection to 0.1%"
+
+
 @functools.lru_cache(maxsize=4096)
 def _noise_for_target(
     target_epsilon: float,
@@ -159,6 +164,7 @@ def _noise_for_target(
     prior: tuple[HistoryEntry, ...],
 ) -> float:
     key = {  # floats as floats: 8 and 8.0 are one entry
+        "search": _SEARCH,
         "target_epsilon": float(target_epsilon),
         "delta": float(delta),
         "sample_rate": float(sample_rate),

@@ -6,9 +6,9 @@ series: about 0.5 s an evaluation, 4-6 s a search. Every Ray actor, every job of
 the server's closing summary asked again for the same few answers (a quick 2-round run spent
 16 s of its 20 in searches). The answer is a pure function of public quantities (target,
 delta, sampling rate, steps, accountant, prior releases) and of the accountant's code, so it is
-stored under a key made of exactly those, Opacus' version included; a missing, unreadable or
-foreign entry is recomputed, never trusted. Entries are written atomically, one file each, so
-processes that search side by side do not corrupt each other.
+stored under a key made of exactly those, Opacus' version and the search method included; a
+missing, unreadable or foreign entry is recomputed, never trusted. Entries are written
+atomically, one file each, so processes that search side by side do not corrupt each other.
 """
 
 from __future__ import annotations

@@ -102,3 +102,15 @@ def test_another_process_gets_the_searched_noise_from_disk(_own_cache: Path) -> 
     assert len(_entries(_own_cache)) == 1
     engine._noise_for_target.cache_clear()  # this process has not searched it itself
     assert engine.noise_for_target(*args) == searched
+
+
+def test_a_changed_search_method_does_not_read_the_old_answers(
+    _own_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = (8.0, 1e-5, 1.0, 30, "rdp")
+    engine._noise_for_target.cache_clear()
+    engine.noise_for_target(*args)
+    monkeypatch.setattr(engine, "_SEARCH", "another method")
+    engine._noise_for_target.cache_clear()
+    engine.noise_for_target(*args)
+    assert len(_entries(_own_cache)) == 2
