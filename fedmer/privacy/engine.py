@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmer.config import GRAD_SAMPLE_MODES
-from fedmer.privacy.noise_cache import cached_noise
+from fedmer.privacy.noise_cache import cached_on_disk
 
 __all__ = [
     "DPSetup",
@@ -146,33 +146,15 @@ def noise_for_target(
     the same noise, and a search takes seconds of epsilon evaluations.
     """
     entries = tuple((float(n), float(r), int(s)) for n, r, s in prior)
-    return _noise_for_target(target_epsilon, delta, sample_rate, steps, accountant, entries)
+    # floats as floats, so that 8 and 8.0 are one entry on disk as they are in memory
+    return _noise_for_target(
+        float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant, entries
+    )
 
 
 #: How :func:`_search` finds the noise; part of the disk cache's key, so that changing the
 #: search (its tolerance, its method) never reads an answer the old one stored.
 _SEARCH = "opacus get_noise_multiplier eps_tol 0.01; prior: geometric bisection to 0.1%"
-
-
-@functools.lru_cache(maxsize=4096)
-def _noise_for_target(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    accountant: str,
-    prior: tuple[HistoryEntry, ...],
-) -> float:
-    key = {  # floats as floats: 8 and 8.0 are one entry
-        "search": _SEARCH,
-        "target_epsilon": float(target_epsilon),
-        "delta": float(delta),
-        "sample_rate": float(sample_rate),
-        "steps": int(steps),
-        "accountant": accountant,
-        "prior": prior,
-    }
-    return cached_noise(key, lambda: _search(target_epsilon, delta, sample_rate, steps, accountant, prior))
 
 
 def _search(
@@ -199,6 +181,11 @@ def _search(
             return compute_epsilon(base.extended([(sigma, sample_rate, steps)]), delta, accountant)
 
         return _bisect_noise(epsilon, target_epsilon)
+
+
+#: The search, cached per process (every round asks again) and on disk (every actor, job and
+#: node process asks again): :mod:`fedmer.privacy.noise_cache`.
+_noise_for_target = functools.lru_cache(maxsize=4096)(cached_on_disk(_SEARCH)(_search))
 
 
 def gaussian_release_noise(target_epsilon: float, delta: float, accountant: str = "rdp") -> float:

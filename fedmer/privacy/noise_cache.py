@@ -13,7 +13,9 @@ atomically, one file each, so processes that search side by side do not corrupt 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -21,18 +23,40 @@ import os
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 from fedmer.atomic import atomic_write
 from fedmer.cache import cache_dir
 
-__all__ = ["NOISE_CACHE_ENV", "cached_noise"]
+__all__ = ["NOISE_CACHE_ENV", "cached_noise", "cached_on_disk"]
 
 log = logging.getLogger(__name__)
 
 #: ``FEDMER_NOISE_CACHE=0`` turns the disk cache off (every process searches again).
 NOISE_CACHE_ENV = "FEDMER_NOISE_CACHE"
 _SCHEMA = 1
+P = ParamSpec("P")
+
+
+def cached_on_disk(method: str) -> Callable[[Callable[P, float]], Callable[P, float]]:
+    """Decorate a pure noise search: the same arguments read the answer an earlier process stored.
+
+    The key is ``method`` (what the search does: a changed tolerance must not read the old
+    answers) and every argument by name, defaults applied.
+    """
+
+    def decorate(search: Callable[P, float]) -> Callable[P, float]:
+        signature = inspect.signature(search)
+
+        @functools.wraps(search)
+        def searched(*args: P.args, **kwargs: P.kwargs) -> float:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return cached_noise({"search": method, **bound.arguments}, lambda: search(*args, **kwargs))
+
+        return searched
+
+    return decorate
 
 
 def cached_noise(key: dict[str, Any], search: Callable[[], float]) -> float:

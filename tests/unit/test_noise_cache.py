@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedmer.privacy import engine
-from fedmer.privacy.noise_cache import NOISE_CACHE_ENV, cached_noise
+from fedmer.privacy.noise_cache import NOISE_CACHE_ENV, cached_noise, cached_on_disk
 from tests.conftest import ROOT
 
 KEY = {"target_epsilon": 8.0, "delta": 1e-5, "sample_rate": 0.25, "steps": 40, "accountant": "rdp"}
@@ -99,18 +99,20 @@ def test_another_process_gets_the_searched_noise_from_disk(_own_cache: Path) -> 
     child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     searched = float(child.stdout.strip())
     assert searched == engine._search(*args, ())  # what the search gives, no cache involved
-    assert len(_entries(_own_cache)) == 1
+    (entry,) = _entries(_own_cache)
+    assert json.loads(entry.read_text())["key"]["search"] == engine._SEARCH
     engine._noise_for_target.cache_clear()  # this process has not searched it itself
     assert engine.noise_for_target(*args) == searched
 
 
-def test_a_changed_search_method_does_not_read_the_old_answers(
-    _own_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    args = (8.0, 1e-5, 1.0, 30, "rdp")
-    engine._noise_for_target.cache_clear()
-    engine.noise_for_target(*args)
-    monkeypatch.setattr(engine, "_SEARCH", "another method")
-    engine._noise_for_target.cache_clear()
-    engine.noise_for_target(*args)
-    assert len(_entries(_own_cache)) == 2
+def test_a_changed_search_method_does_not_read_the_old_answers(_own_cache: Path) -> None:
+    counting = Counting(1.0)
+
+    def search(target_epsilon: float, steps: int = 3) -> float:
+        return counting()
+
+    old, new = cached_on_disk("method A")(search), cached_on_disk("method B")(search)
+    old(8.0)
+    old(8.0, 3)  # the same arguments, the default written out
+    new(8.0)
+    assert counting.calls == 2 and len(_entries(_own_cache)) == 2
