@@ -9,6 +9,11 @@ delta, sampling rate, steps, accountant, prior releases) and of the accountant's
 stored under a key made of exactly those, Opacus' version and the search method included; a
 missing, unreadable or foreign entry is recomputed, never trusted. Entries are written
 atomically, one file each, so processes that search side by side do not corrupt each other.
+
+Trust: the folder is trusted as the code beside it is (it lives in the checkout unless
+``FEDMER_CACHE_DIR`` moves it). An entry only sets the noise; every epsilon FedMER reports,
+records in a ledger or checks against a cap is computed from the noise actually used, so a
+wrong entry could not hide a spend: it would show as an epsilon above the target.
 """
 
 from __future__ import annotations
