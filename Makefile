@@ -5,7 +5,8 @@ PY := .venv/bin/python
 ARGS ?=
 # Tests run on WORKERS pytest-xdist processes (WORKERS=0: in this process, one after another).
 # --dist loadgroup runs each group on one worker, whole and in order (tests/conftest.py,
-# xdist_group_of): the e2e tests that start Ray, the deployment e2e tests, each real dataset's
+# xdist_group_of): the e2e tests that start Ray, the deployment e2e tests, the frontier e2e
+# sweep (in process, no Ray), each real dataset's
 # cache users, each unit module; the other worker meanwhile takes the next group.
 WORKERS ?= 2
 XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)

@@ -45,6 +45,8 @@ def xdist_group_of(nodeid: str) -> str:
       shutdown; they share the session's quick run);
     - ``e2e-deployment``: the secured federation of real SuperLink/SuperNode processes (no Ray,
       its own ports, keys and Flower home; mostly waiting on nodes), beside the Ray group;
+    - ``e2e-frontier``: the frontier sweep, whose jobs run in process (``federation.runtime=
+      inprocess``, no Ray), so it need not wait for the Ray group either;
     - ``data-<name>``: the tests that name a real dataset with a feature cache (a cold cache is
       then extracted once, not by both workers at once);
     - otherwise the test's module (its module-scoped fixtures are built once, as serially).
@@ -54,6 +56,8 @@ def xdist_group_of(nodeid: str) -> str:
     module = nodeid.split("::")[0]
     if module == "tests/e2e/test_deployment.py":
         return "e2e-deployment"
+    if module == "tests/e2e/test_frontier.py":
+        return "e2e-frontier"
     if module.startswith("tests/e2e/"):
         return "e2e"
     return next((f"data-{name}" for name in CACHED_DATASETS if name in nodeid), module)
