@@ -283,11 +283,19 @@ def train_fedmer(
 
 
 def _standardise(x: np.ndarray, rows: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Columns that vary scaled to mean 0, sd 1 over ``x[rows]`` (intercepts, constant 1, kept)."""
-    mu, sd = x[rows].mean(axis=0), x[rows].std(axis=0)
+    """Columns that vary scaled to mean 0, sd 1 over the clips of ``x[rows]`` that have them.
+
+    A modality a clip lacks is all zero in :func:`design` (the sum fusion adds nothing for it);
+    it stays zero, and the statistics come from the clips that have it. Intercepts (constant 1
+    where present) are kept.
+    """
+    present = x[rows] != 0
+    count = np.maximum(present.sum(axis=0), 1)
+    mu = x[rows].sum(axis=0) / count
+    sd = np.sqrt((np.where(present, x[rows] - mu, 0.0) ** 2).sum(axis=0) / count)
     vary = sd > 1e-9
     mu, sd = np.where(vary, mu, 0.0), np.where(vary, sd, 1.0)
-    return (x - mu) / sd, (other - mu) / sd
+    return tuple(np.where(z != 0, (z - mu) / sd, 0.0) for z in (x, other))  # type: ignore[return-value]
 
 
 def score_fedmer(seed: int, s: Setting, cv: bool, repeats: int) -> float:

@@ -92,6 +92,6 @@ def _read(path: Path, key: dict[str, Any]) -> float | None:
         entry = {}
     noise = entry.get("noise")
     if entry.get("key") != key or not isinstance(noise, float) or not math.isfinite(noise) or noise <= 0:
-        log.warning("ignoring a noise cache entry that does not match its key: %s", path)
+        log.warning("ignoring a noise cache entry that is not a valid answer for its key: %s", path)
         return None
     return noise
