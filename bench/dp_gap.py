@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from fedmer.data.base import MultimodalDataset
+from fedmer.data.feature_stats import FeatureStats, combine_releases, local_release
 from fedmer.data.registry import load_split
-from fedmer.privacy.engine import noise_for_target
+from fedmer.privacy.engine import gaussian_release_noise, noise_for_target
 from fedmer.training.metrics import classification_report
 from simulations.compose import compose_experiment
 
@@ -73,6 +74,11 @@ class Setting:
     frontend: str = "logmel"  # data.audio_frontend
     recipe: str = "fixed"  # fixed: one full-batch step of lr a round | auto: FedMER's choose_recipe
     base_lr: float = 0.1  # federation.lr, the auto recipe's starting point
+    # transform=release: FedMER's own DP statistics release (data.standardize=federated)
+    stats_fraction: float = 0.1  # privacy.stats_epsilon_fraction
+    stats_clip: float = 20.0  # privacy.stats_clip_norm
+    face_logodds: bool = False  # the face on the log-odds scale before any other transform
+    prior_release: float = 0.0  # set internally: the release's noise multiplier, spent before DP-SGD
 
 
 #: RAVDESS class -> the face recogniser's expression probability of the same name (calm: neutral).
@@ -168,14 +174,16 @@ _SPLITS: dict[tuple[int, str, str, str], Any] = {}
 
 def split_for(seed: int, s: Setting) -> Any:
     mods = "face" if s.features.startswith("face") else "'" + s.features.replace("+", ",") + "'"
-    key = (seed, mods, s.clips, s.frontend)
+    loader = s.transform == "release"  # the face as FedMER's loader hands it to the release
+    key = (seed, mods, s.clips, s.frontend, loader and s.face_subset)
     if key not in _SPLITS:
         cfg = compose_experiment(
             [
                 "+experiment=ravdess_av_dp",
                 f"data.modalities={mods}",
                 f"seed={seed}",
-                "data.face_transform=none",
+                f"data.face_transform={'logodds' if loader else 'none'}",
+                f"data.face_features={'means' if loader and s.face_subset == 'means' else 'all'}",
                 f"data.complete_only={'true' if s.clips == '360' else 'false'}",
                 f"data.audio_frontend={s.frontend}",
             ]
@@ -207,7 +215,7 @@ def design(data: MultimodalDataset, s: Setting) -> tuple[np.ndarray, slice]:
         x = data.x[:, :, a:b].astype(np.float64)
         if name == "face":
             x = x[:, :, FACE_SUBSETS[s.face_subset]]
-            if s.transform == "logodds":
+            if s.transform == "logodds" or s.face_logodds:
                 x = logodds(x)
             face = slice(width, width + x.shape[2])
         block = [x.mean(axis=1)]
@@ -246,6 +254,7 @@ def train_fedmer(
                 max_grad_norm=s.clip,
                 lr=s.base_lr,
                 batch_size=128,
+                prior=((s.prior_release, 1.0, 1),) if s.prior_release else (),
             )
             plans.append((r.sample_rate, r.steps_per_round, r.noise_multiplier, r.lr))
         else:
@@ -282,6 +291,50 @@ def train_fedmer(
     return w
 
 
+def _released_stats(
+    sites: list[MultimodalDataset], s: Setting, rng: np.random.Generator
+) -> tuple[FeatureStats, float]:
+    """FedMER's ``data.standardize=federated`` release: each site's clipped, noised sums
+    (``local_release``) combined by the server (``combine_releases``), at the noise FedMER
+    derives from ``stats_fraction`` of epsilon (``gaussian_release_noise``)."""
+    sigma = (
+        0.0 if s.eps == float("inf") else gaussian_release_noise(s.stats_fraction * s.eps, 1e-5, s.accountant)
+    )
+    clip = s.stats_clip if sigma > 0 else float("inf")
+    releases = {
+        i: local_release(d, clip_norm=clip, noise_multiplier=sigma, rng=rng if sigma > 0 else None)
+        for i, d in enumerate(sites)
+    }
+    return combine_releases(releases, sites[0].feature_slices), sigma
+
+
+def _standardised_design(data: MultimodalDataset, stats: FeatureStats, s: Setting) -> np.ndarray:
+    """:func:`design` as FedMER's model computes it with ``set_feature_stats(stats)``: frames
+    standardised by the frame statistics, then each encoder's per-clip mean and std by the
+    functional statistics in those units (``MultimodalClassifier.set_feature_stats``)."""
+    mean, std = np.asarray(stats.mean), np.asarray(stats.std)
+    z = (data.x.astype(np.float64) - mean) / std
+    for m, (a, b) in enumerate(data.feature_slices):
+        z[~data.mask[:, m], :, a:b] = 0.0
+    x, _ = design(dataclasses.replace(data, x=z), s)
+    cols, at = [], 0
+    for m, (a, b) in enumerate(data.feature_slices):
+        f = b - a  # the loader already kept FedMER's face subset
+        sd = std[a:b]
+        mean_sd, std_mean, std_sd = (
+            np.asarray(getattr(stats, k))[a:b] for k in ("mean_sd", "std_mean", "std_sd")
+        )
+        block = [x[:, at : at + f] * (sd / mean_sd)]
+        width = f
+        if s.encoder == "functionals":
+            block.append((x[:, at + f : at + 2 * f] - std_mean / sd) * (sd / std_sd))
+            width += f
+        block.append(x[:, at + width : at + width + 1])  # the intercept
+        cols.append(np.concatenate(block, axis=1) * data.mask[:, m, None])
+        at += width + 1
+    return np.concatenate(cols, axis=1)
+
+
 def _standardise(x: np.ndarray, rows: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Columns that vary scaled to mean 0, sd 1 over the clips of ``x[rows]`` that have them.
 
@@ -311,10 +364,29 @@ def score_fedmer(seed: int, s: Setting, cv: bool, repeats: int) -> float:
         for val in folds:  # leave one training site out: validation on training actors only
             keep = tr.site != val
             xfit, xv, yv = xtr, *((xtr[~keep], tr.y[~keep]) if cv else (xte, te.y))
+            s_fit = s
             if s.transform == "standardise":  # exact pooled statistics of the training sites: an upper
                 xfit, xv = _standardise(xtr, keep, xv)  # bound for what a DP release could give
-            sites = [(xfit[tr.site == k], tr.y[tr.site == k]) for k in site_ids if k != val]
-            w = train_fedmer(sites, s, rng, fs)
+            elif s.transform == "calib":  # exact statistics of one other site, which then does not train
+                cal = (
+                    site_ids[-1]
+                    if val is None
+                    else site_ids[(np.searchsorted(site_ids, val) + 1) % len(site_ids)]
+                )
+                xfit, xv = _standardise(xtr, tr.site == cal, xv)
+                keep = keep & (tr.site != cal)
+            elif s.transform == "release":  # FedMER's DP release from the fitting sites only
+                fit_sites = [tr.subset(np.flatnonzero(tr.site == k)) for k in site_ids if k != val]
+                stats, sigma_stats = _released_stats(fit_sites, s, rng)
+                xfit = _standardised_design(tr, stats, s)
+                xv = _standardised_design(tr.subset(np.flatnonzero(~keep)) if cv else te, stats, s)
+                s_fit = dataclasses.replace(s, prior_release=sigma_stats)
+            sites = [
+                (xfit[tr.site == k], tr.y[tr.site == k])
+                for k in site_ids
+                if k != val and (k == val or keep[tr.site == k].all())
+            ]
+            w = train_fedmer(sites, s_fit, rng, fs)
             results.append(classification_report(yv, (xv @ w).argmax(axis=1), K)["uar"])
     return float(np.mean(results))
 

@@ -49,8 +49,9 @@ FACE_TRANSFORMS: tuple[str, ...] = ("none", "logodds")
 #: RAVDESS face columns: all 56 per-clip numbers, or the 28 per-clip means (no within-clip stds).
 FACE_FEATURE_SETS: tuple[str, ...] = ("all", "means")
 TEXT_ENCODERS: tuple[str, ...] = ("tokens", "minilm")
-#: Input standardisation: none, or per-feature mean/std from the clients' (DP) sums.
-STANDARDIZE: tuple[str, ...] = ("none", "federated")
+#: Input standardisation: none; per-feature mean/std from the clients' (DP) sums; or exact
+#: statistics of calibration persons the server holds (public: never a client's data).
+STANDARDIZE: tuple[str, ...] = ("none", "federated", "calibration")
 PARTITION_SCHEMES: tuple[str, ...] = ("site", "dirichlet")
 PRIVACY_MODES: tuple[str, ...] = ("sample", "client", "both", "off")
 CLIENT_CLIPPINGS: tuple[str, ...] = ("fixed", "adaptive")
@@ -144,10 +145,30 @@ class DataConfig:
     face_transform: str = "none"  # RAVDESS: logodds maps each face number q to log((q+.01)/(1.01-q))
     face_features: str = "all"  # RAVDESS: all 56 face numbers, or "means": the 28 per-clip means
     standardize: str = "none"  # federated: per-feature mean/std from every client's sums before round 1
+    #: data.standardize=calibration: the training persons of this many more sites (after the
+    #: clients' sites) are the server's own calibration recordings: public, never a client.
+    calibration_sites: int = 0
 
     def __post_init__(self) -> None:
         registry.DATASETS.check(self.name)
         _choice("data.standardize", self.standardize, STANDARDIZE)
+        c = self.calibration_sites
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            _fail("data.calibration_sites", c, "expected an integer >= 0 (sites held by the server)")
+        if self.standardize == "calibration" and c < 1:
+            _fail(
+                "data.calibration_sites",
+                c,
+                "data.standardize=calibration takes its statistics from calibration sites the server "
+                "holds; set data.calibration_sites to at least 1",
+            )
+        if c > 0 and self.standardize != "calibration":
+            _fail(
+                "data.calibration_sites",
+                c,
+                f"calibration sites are only used by data.standardize=calibration (here "
+                f"{self.standardize!r}): set data.calibration_sites=0, or data.standardize=calibration",
+            )
         _choice("data.audio_frontend", self.audio_frontend, AUDIO_FRONTENDS)
         _choice("data.text_encoder", self.text_encoder, TEXT_ENCODERS)
         _choice("data.face_transform", self.face_transform, FACE_TRANSFORMS)
@@ -520,11 +541,18 @@ class ExperimentConfig:
                 f"({', '.join(dp_able)}); robust aggregators (median, trimmed mean, krum, "
                 "bulyan) are not means, so the noise would not bound their sensitivity",
             )
+        if self.data.calibration_sites and self.partition.scheme != "site":
+            _fail(
+                "partition.scheme",
+                self.partition.scheme,
+                "data.calibration_sites holds whole sites back from the federation, which needs "
+                "partition.scheme=site (one site per client)",
+            )
         if p.client_level and self.data.standardize != "none":
             _fail(
                 "data.standardize",
                 self.data.standardize,
-                "federated standardisation is accounted per sample only: Flower's client-level "
+                "standardisation is supported with sample-level DP only: Flower's client-level "
                 "wrappers would noise the statistics inside the model every round, and their "
                 "accountant cannot compose the statistics release; use data.standardize=none with "
                 "privacy.mode=client|both, or privacy.mode=sample|off",

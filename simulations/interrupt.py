@@ -23,7 +23,14 @@ from typing import NoReturn
 
 from fedmer.results.layout import RESUME_CHECKPOINT
 
-__all__ = ["EXIT_INTERRUPTED", "FORCE_AFTER_S", "exit_interrupted", "handle_ctrl_c", "set_run_folder"]
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "FORCE_AFTER_S",
+    "exit_interrupted",
+    "exit_now",
+    "handle_ctrl_c",
+    "set_run_folder",
+]
 
 log = logging.getLogger("fedmer")
 
@@ -112,11 +119,20 @@ def exit_interrupted(folder: Path | None) -> NoReturn:
             log.error("interrupted; to resume: fedmer run %s resume=%s", " ".join(args), folder)
         else:
             log.error("interrupted before the first round finished; nothing to resume in %s", folder)
-        logging.shutdown()
-        try:
-            _stop_children()
-        except Exception as err:  # never let a failed cleanup change the exit status
-            sys.stderr.write(f"could not stop the run's child processes: {err}\n")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)  # not sys.exit: Flower's non-daemon ServerApp thread would block it
+        exit_now(EXIT_INTERRUPTED)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush the logs, kill this process's children by PID and leave with ``code`` at once.
+
+    Not ``sys.exit``: a non-daemon thread still running (Flower's ServerApp thread, mid-round or
+    waiting for replies no node will send) would keep the interpreter from exiting.
+    """
+    logging.shutdown()
+    try:
+        _stop_children()
+    except Exception as err:  # never let a failed cleanup change the exit status
+        sys.stderr.write(f"could not stop the run's child processes: {err}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

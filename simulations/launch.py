@@ -9,9 +9,12 @@ config), so this calls the runtime underneath it; the flwr pin (<1.43) guards th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,14 @@ from flwr.supercore.telemetry import EventType
 from fedmer.config import ExperimentConfig
 from simulations.flower_patches import flower_patches
 
-__all__ = ["PROJECT_ROOT", "backend_config", "new_run_id", "simulate"]
+__all__ = ["ABANDONED", "PROJECT_ROOT", "backend_config", "new_run_id", "simulate"]
 
 log = logging.getLogger(__name__)
+
+#: Threads left running by a runtime that failed to start: Flower's ServerApp thread, already
+#: started, waits for replies that no node will send. ``simulations.run`` leaves with
+#: :func:`~simulations.interrupt.exit_now` while one is alive, or the process would hang.
+ABANDONED: list[threading.Thread] = []
 
 #: The Flower app directory (holds pyproject.toml with [tool.flwr.app.config]).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +93,7 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, run_id: int | None
         _simulate_in_process(cfg, client_app, run_config, run_id)
         return run_id
     log.info("simulating %d clients on Flower's Ray runtime", cfg.federation.num_clients)
-    with flower_patches():  # polling and context registration that do not grow with every node
+    with flower_patches(), _runtime_failure_named():  # see flower_patches: cost and a failed start
         _run_simulation(
             num_supernodes=cfg.federation.num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -99,6 +107,21 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, run_id: int | None
             verbose_logging=verbose,
         )
     return run_id
+
+
+@contextlib.contextmanager
+def _runtime_failure_named() -> Iterator[None]:
+    """Flower reports a runtime that failed to start as "An error was encountered. Ending
+    simulation."; the run's error names the cause instead (it is the exception's ``__cause__``)."""
+    try:
+        yield
+    except RuntimeError as err:
+        main = threading.main_thread()
+        ABANDONED.extend(t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive())
+        cause = err.__cause__
+        if cause is None:
+            raise
+        raise RuntimeError(f"Flower's simulation runtime failed: {type(cause).__name__}: {cause}") from err
 
 
 def _simulate_in_process(cfg: ExperimentConfig, client_app: ClientApp, run_config: dict, run_id: int) -> None:

@@ -32,8 +32,8 @@ from fedmer.data.registry import check_partitions
 from fedmer.results.checkpoint import resumable_checkpoint
 from fedmer.results.layout import SUMMARY_JSON, run_dir
 from simulations.compose import CONFIG_DIR, compose_config, experiment_from_hydra
-from simulations.interrupt import exit_interrupted, handle_ctrl_c, set_run_folder
-from simulations.launch import new_run_id, simulate
+from simulations.interrupt import exit_interrupted, exit_now, handle_ctrl_c, set_run_folder
+from simulations.launch import ABANDONED, new_run_id, simulate
 from simulations.ray_session import keep_ray
 
 __all__ = [
@@ -147,8 +147,23 @@ def cli(argv: list[str]) -> int:
     if problem is not None:
         print(f"fedmer run: configuration error: {problem}", file=sys.stderr)
         return 2
-    main()
+    try:
+        main()
+    except SystemExit as stop:  # a failed run (or sweep) leaves with its status, even past a stuck thread
+        _leave_if_abandoned(stop.code if isinstance(stop.code, int) else 1)
+        raise
+    _leave_if_abandoned(0)
     return 0
+
+
+def _leave_if_abandoned(code: int) -> None:
+    """Exit now with ``code`` if a failed runtime left a thread that would block the exit."""
+    stuck = [t.name for t in ABANDONED if t.is_alive()]
+    if stuck:
+        log.error(
+            "leaving %d thread(s) of a failed simulation runtime behind (%s)", len(stuck), ", ".join(stuck)
+        )
+        exit_now(code)
 
 
 def _config_error(argv: list[str]) -> ConfigError | None:

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 from fedmer import registry
 from fedmer.config import MODALITIES, ConfigError, DataConfig, ExperimentConfig, PartitionConfig
-from fedmer.data.base import DatasetSplit, MultimodalDataset
+import numpy as np
+
+from fedmer.data.base import DatasetSplit, MultimodalDataset, concat_datasets
 from fedmer.data.partition import check_client_sizes, client_modalities, partition_clients
 from fedmer.data.synthetic import generate_synthetic, synthetic_site, synthetic_site_size, synthetic_test
 
@@ -33,11 +35,13 @@ __all__ = [
     "available_datasets",
     "check_partitions",
     "clear_data_cache",
+    "load_calibration_set",
     "load_client_dataset",
     "load_split",
     "load_test_set",
     "partition_sizes",
     "register_dataset",
+    "sites_built",
 ]
 
 #: A loader builds the train/test split from the data section, the number of sites and a seed.
@@ -124,20 +128,50 @@ def _site_test(data: DataConfig, num_sites: int, seed: int) -> MultimodalDataset
     return sites.test(data, num_sites, seed)
 
 
+def sites_built(cfg: ExperimentConfig) -> int:
+    """Sites the dataset is built with: one per client, then ``data.calibration_sites`` more.
+
+    The calibration sites come last, so the clients' sites (and the held-out persons) are those
+    of a run with ``num_clients + calibration_sites`` clients.
+    """
+    return cfg.federation.num_clients + cfg.data.calibration_sites
+
+
 def load_split(cfg: ExperimentConfig) -> DatasetSplit:
-    """Train pool and held-out test persons; one site per client (``federation.num_clients``).
+    """Train pool and held-out test persons; one site per client (``federation.num_clients``),
+    then the calibration sites (``data.calibration_sites``, in ``train`` too).
 
     This builds every client's data: the server and the clients use :func:`load_test_set` and
     :func:`load_client_dataset`, which build only what they need.
     """
-    return _split(cfg.data, cfg.federation.num_clients, cfg.seed)
+    return _split(cfg.data, sites_built(cfg), cfg.seed)
+
+
+def load_calibration_set(cfg: ExperimentConfig) -> MultimodalDataset:
+    """The training persons of the calibration sites (``data.standardize=calibration``), as
+    recorded: the server's own recordings, which no client holds and no client trains on."""
+    n, k = cfg.federation.num_clients, cfg.data.calibration_sites
+    if k < 1:
+        raise ConfigError(
+            f"invalid data.calibration_sites={k!r}: a calibration set needs at least one calibration site"
+        )
+    sites = _sites(cfg)
+    if sites is not None:
+        return concat_datasets([sites.site(cfg.data, n + k, cfg.seed, pid) for pid in range(n, n + k)])
+    train = load_split(cfg).train
+    ids = np.unique(train.site)
+    if len(ids) != n + k:
+        raise ConfigError(
+            f"data.calibration_sites={k} needs {n + k} sites, but {cfg.data.name} built {len(ids)}"
+        )
+    return train.subset(np.flatnonzero(np.isin(train.site, ids[n:])))
 
 
 def load_test_set(cfg: ExperimentConfig) -> MultimodalDataset:
     """The server's held-out persons (``load_split(cfg).test``), built without the training pool
     where the dataset can (cached per process)."""
     if registry.DATASETS.meta(cfg.data.name).get("sites") is not None:
-        return _site_test(cfg.data, cfg.federation.num_clients, cfg.seed)
+        return _site_test(cfg.data, sites_built(cfg), cfg.seed)
     return load_split(cfg).test
 
 
@@ -151,8 +185,8 @@ def load_client_dataset(cfg: ExperimentConfig, partition_id: int) -> MultimodalD
             "or num-supernodes) agree with federation.num_clients"
         )
     if _sites(cfg) is not None:
-        return _site_client(cfg.data, cfg.partition, n, cfg.seed, partition_id)
-    return _partitions(cfg.data, cfg.partition, n, cfg.seed)[partition_id]
+        return _site_client(cfg.data, cfg.partition, sites_built(cfg), cfg.seed, partition_id)
+    return _partitions(cfg.data, cfg.partition, sites_built(cfg), cfg.seed)[partition_id]
 
 
 def partition_sizes(cfg: ExperimentConfig) -> list[int]:
@@ -164,8 +198,8 @@ def partition_sizes(cfg: ExperimentConfig) -> list[int]:
     n = cfg.federation.num_clients
     sites = _sites(cfg)
     if sites is None:
-        return [len(c) for c in _partitions(cfg.data, cfg.partition, n, cfg.seed)]
-    return [sites.size(cfg.data, n, pid) for pid in range(n)]
+        return [len(c) for c in _partitions(cfg.data, cfg.partition, sites_built(cfg), cfg.seed)[:n]]
+    return [sites.size(cfg.data, sites_built(cfg), pid) for pid in range(n)]
 
 
 def check_partitions(cfg: ExperimentConfig) -> list[int]:

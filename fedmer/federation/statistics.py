@@ -15,6 +15,12 @@ The server combines the replies into :class:`FeatureStats`, writes them to
 :class:`InputStandardizer` before the first round: from there they travel inside the model.
 A node that fails or refuses (spent budget) is recorded and left out; the statistics are
 then those of the others, and the log and the file say so.
+
+With ``data.standardize=calibration`` no node is asked: the server computes the exact
+statistics of its own calibration persons (:func:`fedmer.data.registry.load_calibration_set`,
+the training persons of ``data.calibration_sites`` sites that are not clients). That data is
+public by assumption (an operator's in-house recordings), so it costs no client any epsilon,
+and it is protected by none: the summary says so.
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ from fedmer.data.feature_stats import (
     FeatureStats,
     StatsRelease,
     combine_releases,
+    exact_feature_stats,
     local_release,
 )
+from fedmer.data.registry import load_calibration_set
 from fedmer.federation.grid import short_reason
 from fedmer.federation.node import node_privacy, wait_for_nodes
 from fedmer.models.multimodal import MultimodalEmotionNet
@@ -67,10 +75,10 @@ def answer_stats_query(
     msg: Message, context: Context, cfg: ExperimentConfig, pid: int, data: MultimodalDataset
 ) -> Message:
     """Release this node's feature sums; under DP, pay for it in the ledger first."""
-    if cfg.data.standardize == "none" or release_skipped_because(cfg):
+    if cfg.data.standardize != "federated" or release_skipped_because(cfg):
         raise ValueError(
             "feature statistics were asked for, but this run releases none: "
-            + (release_skipped_because(cfg) or "data.standardize=none")
+            + (release_skipped_because(cfg) or f"data.standardize={cfg.data.standardize}")
         )
     sigma = stats_noise_multiplier(cfg)
     clip = cfg.privacy.stats_clip_norm if cfg.privacy.sample_level else math.inf
@@ -169,6 +177,8 @@ def standardize_model(
 
     Returns what the run's summary says about them (source, DP, who contributed, failures).
     """
+    if cfg.data.standardize == "calibration":
+        return _standardize_from_calibration(cfg, model, out_dir)
     skipped = release_skipped_because(cfg)
     if skipped:
         log.warning("no feature statistics: %s", skipped)
@@ -189,10 +199,43 @@ def standardize_model(
     return {
         "feature_stats": {
             "file": FEATURE_STATS_JSON,
+            "source": "federated",
             "clients": list(stats.clients),
             "noise_multiplier": stats.noise_multiplier,
             "clip_norm": None if math.isinf(stats.clip_norm) else stats.clip_norm,
             "features_left_unstandardised": len(stats.floored),
             "failures": failures,
+        }
+    }
+
+
+def _standardize_from_calibration(
+    cfg: ExperimentConfig, model: MultimodalEmotionNet, out_dir: Path
+) -> dict[str, Any]:
+    """Exact statistics of the server's calibration persons into the global model; no node is asked."""
+    calibration = load_calibration_set(cfg)
+    stats = exact_feature_stats(calibration)
+    stats.write(out_dir / FEATURE_STATS_JSON)
+    model.set_feature_stats(stats)
+    persons = sorted(int(p) for p in np.unique(calibration.person))
+    log.info(
+        "standardising inputs with the exact statistics of %d calibration sample(s) of %d person(s) "
+        "the server holds (public by assumption: no client's data, no epsilon spent, none protected)",
+        len(calibration),
+        len(persons),
+    )
+    return {
+        "feature_stats": {
+            "file": FEATURE_STATS_JSON,
+            "source": "calibration",
+            "calibration_persons": persons,
+            "calibration_samples": len(calibration),
+            "clients": [],
+            "noise_multiplier": 0.0,
+            "clip_norm": None,
+            "features_left_unstandardised": len(stats.floored),
+            "failures": [],
+            "privacy": "public calibration persons held by the server: not a client's data, "
+            "no epsilon spent, and not protected by any epsilon",
         }
     }

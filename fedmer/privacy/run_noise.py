@@ -36,7 +36,7 @@ def stats_noise_multiplier(cfg: ExperimentConfig) -> float:
     :func:`release_skipped_because`).
     """
     p = cfg.privacy
-    if cfg.data.standardize == "none" or not p.sample_level or math.isinf(p.target_epsilon):
+    if cfg.data.standardize != "federated" or not p.sample_level or math.isinf(p.target_epsilon):
         return 0.0
     return _release_noise(p.stats_epsilon_fraction * p.target_epsilon, p.delta, p.accountant)
 

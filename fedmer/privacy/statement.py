@@ -28,6 +28,20 @@ def sent_in_clear(cfg: ExperimentConfig) -> dict[str, list[str]]:
     return out
 
 
+def _standardization(cfg: ExperimentConfig) -> str:
+    """Where the input statistics come from, and what protects them."""
+    if cfg.data.standardize == "federated":
+        if cfg.privacy.sample_level:
+            return "federated: each client's noised feature sums, a release inside its epsilon"
+        return "federated: each client's exact feature sums (no DP in this run)"
+    if cfg.data.standardize == "calibration":
+        return (
+            f"calibration: exact statistics of the persons of {cfg.data.calibration_sites} calibration "
+            "site(s) the server holds, public by assumption: no client's data, not protected by any epsilon"
+        )
+    return "none"
+
+
 def privacy_statement(cfg: ExperimentConfig) -> dict[str, Any]:
     """What the reported epsilon means for this run, and what else its nodes send."""
     p = cfg.privacy
@@ -35,6 +49,7 @@ def privacy_statement(cfg: ExperimentConfig) -> dict[str, Any]:
         "mode": p.mode,
         "reply_metrics": p.reply_metrics,
         "sent_in_clear": sent_in_clear(cfg),
+        "standardization": _standardization(cfg),
     }
     if p.client_level:
         accounted = p.client_clipping == "fixed"

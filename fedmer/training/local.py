@@ -23,7 +23,6 @@ from fedmer.training.loops import SampleLosses, TrainResult, make_loader, train_
 __all__ = ["DPSGD", "LocalResult", "train_local"]
 
 
-
 @dataclass(frozen=True)
 class DPSGD:
     """DP-SGD settings of one local training; ``planned_steps`` is what the ledger was charged.

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fedmer.config import ExperimentConfig
 from fedmer.federation.faults import attackers, fails_this_round
-from tests.e2e.conftest import run_cli
+from tests.conftest import ROOT
+from tests.e2e.conftest import QUICK, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -50,3 +55,37 @@ def test_a_run_where_most_trainings_fail_exits_non_zero(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "12 of 20 sampled trainings failed" in summary["failure"]
+
+
+#: Runs simulations.run with Flower's runtime made to fail as it starts (it raises while
+#: registering the nodes, as it did on a run-config key missing from pyproject.toml).
+_BROKEN_RUNTIME = """
+import sys
+from flwr.server.superlink.fleet.vce import vce_api
+
+def broken(*args, **kwargs):
+    raise ValueError("injected: the runtime cannot register its nodes")
+
+vce_api._register_node_info_stores = broken
+from simulations.run import cli
+
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def test_a_runtime_that_fails_to_start_exits_1_at_once_naming_the_cause(tmp_path: Path) -> None:
+    """The ServerApp thread, already started and waiting for replies, must not hold the process
+    (it did: the run hung after Flower logged "Ending simulation")."""
+    cmd = [sys.executable, "-c", _BROKEN_RUNTIME, *QUICK, f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # hung: stop it and everything it started
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 1, err[-4000:]
+    assert "Flower's simulation runtime failed: ValueError: injected" in out + err
+    assert not (tmp_path / "summary.json").exists()
