@@ -28,6 +28,14 @@ on 1/4, masked elsewhere), ``--set features=speech prior=false`` the speech alon
 ``--set frontend=mfcc|egemaps`` another speech front-end, ``--set face_subset=means`` the 28 face
 means (``data.face_features=means``).
 
+Standardisation (``--set transform=...``, FedMER-faithful variants): ``standardise`` uses the exact
+pooled statistics of the fitting sites (not private: an upper bound); ``release`` FedMER's own DP
+release (``data.standardize=federated``: ``local_release`` per fitting site, ``combine_releases``,
+the release's noise from ``stats_fraction`` of epsilon and DP-SGD's noise with it as a prior);
+``calib`` the exact statistics of one other training site, which then does not train (what
+``data.standardize=calibration`` does with the calibration site; held out: the last site).
+``face_logodds=true`` puts the face on the log-odds scale before any of them.
+
     nice -n 10 .venv/bin/python -m bench.dp_gap [--seeds 0 1 2] [--variants a b] [--cv] [--set k=v ...]
     nice -n 10 .venv/bin/python -m bench.dp_gap --cv --variants v1 v2 --set clips=1440
 """
