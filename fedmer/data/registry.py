@@ -20,10 +20,10 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedmer import registry
-from fedmer.config import MODALITIES, ConfigError, DataConfig, ExperimentConfig, PartitionConfig
 import numpy as np
 
+from fedmer import registry
+from fedmer.config import MODALITIES, ConfigError, DataConfig, ExperimentConfig, PartitionConfig
 from fedmer.data.base import DatasetSplit, MultimodalDataset, concat_datasets
 from fedmer.data.partition import check_client_sizes, client_modalities, partition_clients
 from fedmer.data.synthetic import generate_synthetic, synthetic_site, synthetic_site_size, synthetic_test
