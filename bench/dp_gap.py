@@ -80,6 +80,8 @@ class Setting:
     encoder: str = "legacy"  # legacy (as above) | means (means_linear) | functionals (functionals_linear)
     clips: str = "360"  # 360 (data.complete_only=true) | 1440 (every clip; face on 1/4, masked)
     frontend: str = "logmel"  # data.audio_frontend
+    # data.audio_level_norm; "legacy": as every figure here before it was a key (eGeMAPS on, numpy off)
+    level_norm: str = "legacy"
     recipe: str = "fixed"  # fixed: one full-batch step of lr a round | auto: FedMER's choose_recipe
     base_lr: float = 0.1  # federation.lr, the auto recipe's starting point
     # transform=release: FedMER's own DP statistics release (data.standardize=federated)
@@ -177,13 +179,14 @@ def prepare(train_x: np.ndarray, test_x: np.ndarray, s: Setting, face_cols: slic
     return train_x, test_x
 
 
-_SPLITS: dict[tuple[int, str, str, str], Any] = {}
+_SPLITS: dict[tuple[object, ...], Any] = {}
 
 
 def split_for(seed: int, s: Setting) -> Any:
     mods = "face" if s.features.startswith("face") else "'" + s.features.replace("+", ",") + "'"
     loader = s.transform == "release"  # the face as FedMER's loader hands it to the release
-    key = (seed, mods, s.clips, s.frontend, loader and s.face_subset)
+    level = (s.frontend == "egemaps") if s.level_norm == "legacy" else s.level_norm == "true"
+    key = (seed, mods, s.clips, s.frontend, loader and s.face_subset, level)
     if key not in _SPLITS:
         cfg = compose_experiment(
             [
@@ -194,6 +197,7 @@ def split_for(seed: int, s: Setting) -> Any:
                 f"data.face_features={'means' if loader and s.face_subset == 'means' else 'all'}",
                 f"data.complete_only={'true' if s.clips == '360' else 'false'}",
                 f"data.audio_frontend={s.frontend}",
+                f"data.audio_level_norm={'true' if level else 'false'}",
             ]
         )
         _SPLITS[key] = load_split(cfg)

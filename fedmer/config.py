@@ -140,6 +140,8 @@ class DataConfig:
     modalities: str = "all"
     root: str = "../shared/data"  # real datasets: folder holding ravdess/, stress-predict/, meld/
     audio_frontend: str = "logmel"  # RAVDESS speech features: log-mel or MFCC frames, or openSMILE eGeMAPS
+    #: RAVDESS: scale each clip to a fixed RMS before the front-end, so a site's gain does not move it
+    audio_level_norm: bool = True
     text_encoder: str = "tokens"  # MELD: trainable token embeddings, or pretrained MiniLM sentence vectors
     complete_only: bool = False  # RAVDESS: only the 360 clips with a face, whichever modalities are selected
     face_transform: str = "none"  # RAVDESS: logodds maps each face number q to log((q+.01)/(1.01-q))
@@ -185,6 +187,8 @@ class DataConfig:
                 self.face_transform,
                 f"only RAVDESS has face features; data.name={self.name} has none, so set it to none",
             )
+        if not isinstance(self.audio_level_norm, bool):
+            _fail("data.audio_level_norm", self.audio_level_norm, "expected true or false")
         if not isinstance(self.complete_only, bool):
             _fail("data.complete_only", self.complete_only, "expected true or false")
         if self.complete_only and self.name != "ravdess":

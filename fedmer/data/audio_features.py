@@ -49,6 +49,7 @@ __all__ = [
     "AudioFrontEnd",
     "SpeechFrontEnd",
     "build_audio_frontend",
+    "level_norm_of",
     "dct_ii",
     "deltas",
     "frame_power",
@@ -236,7 +237,7 @@ class AudioFrontEnd:
 
     kind: str = "logmel"  # "logmel" | "mfcc"
     seq_len: int = 20
-    #: Scale each clip to a fixed RMS first (gain-robust; measured, not the default: docs/ravdess.md).
+    #: Scale each clip to a fixed RMS first (gain-robust: README, "Recording gain").
     level_norm: bool = False
 
     def __post_init__(self) -> None:
@@ -307,13 +308,25 @@ class SpeechFrontEnd(Protocol):
     def __call__(self, signal: np.ndarray) -> np.ndarray: ...
 
 
-def build_audio_frontend(kind: str, seq_len: int) -> SpeechFrontEnd:
-    """``data.audio_frontend`` -> its front-end: logmel | mfcc (numpy, here) or egemaps (openSMILE)."""
+def build_audio_frontend(kind: str, seq_len: int, level_norm: bool = True) -> SpeechFrontEnd:
+    """``data.audio_frontend`` -> its front-end: logmel | mfcc (numpy, here) or egemaps (openSMILE),
+    each clip scaled to a fixed RMS first when ``level_norm`` (``data.audio_level_norm``)."""
     if kind == "egemaps":
         from fedmer.data.egemaps import EgemapsFrontEnd  # openSMILE loads only when asked for
 
-        return EgemapsFrontEnd(seq_len)
-    return AudioFrontEnd(kind, seq_len)
+        return EgemapsFrontEnd(seq_len, level_norm=level_norm)
+    return AudioFrontEnd(kind, seq_len, level_norm=level_norm)
+
+
+def level_norm_of(params: dict[str, object]) -> bool:
+    """Whether a front-end with these :meth:`params` normalises the level (a model bundle's record).
+
+    The numpy front-ends name ``level_norm`` only when on (their cache keys from before the
+    option are unchanged); eGeMAPS always records ``[on, dBFS]`` and was always on before."""
+    value = params.get("level_norm")
+    if params.get("kind") == "egemaps":
+        return True if value is None else bool(value[0])  # type: ignore[index]
+    return value is not None
 
 
 def read_flac(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

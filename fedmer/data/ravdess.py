@@ -187,7 +187,12 @@ def _cache_paths(
 
 
 def speech_of_actors(
-    actor_dirs: list[Path], kind: str, seq_len: int, cache_dir: Path, clips: Collection[str] | None = None
+    actor_dirs: list[Path],
+    kind: str,
+    seq_len: int,
+    cache_dir: Path,
+    clips: Collection[str] | None = None,
+    level_norm: bool = True,
 ) -> np.ndarray:
     """Every actor's speech features, in order; actors not cached yet are extracted on every core.
 
@@ -201,7 +206,7 @@ def speech_of_actors(
     then reads every actor from it. A worker that fails is logged, and its actors are computed
     here, where a damaged file raises its usual error.
     """
-    frontend = build_audio_frontend(kind, seq_len)
+    frontend = build_audio_frontend(kind, seq_len, level_norm=level_norm)
     keys = [_cache_paths(d, frontend, cache_dir, clips) for d in actor_dirs]
     # an actor whose 60 clips are cached is sliced from that file; otherwise the selection's own
     paths = [full if full.is_file() else chosen for full, chosen in keys]
@@ -211,7 +216,8 @@ def speech_of_actors(
         _log.info("extracting %s features of %d actors on %d processes", kind, len(cold), workers)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         only = [] if clips is None else [f"--clips={','.join(sorted(clips))}"]
-        argv = [sys.executable, "-m", "fedmer.data.feature_worker", *only, kind, str(seq_len), str(cache_dir)]
+        level = "1" if level_norm else "0"
+        argv = [sys.executable, "-m", "fedmer.data.feature_worker", *only, kind, str(seq_len), level, str(cache_dir)]
         procs = [
             subprocess.Popen(
                 argv + [str(d) for d in cold[i::workers]],
@@ -401,7 +407,9 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
     # Only their speech is extracted (a quarter of a cold cache's work).
     keep = has_face if cfg.complete_only else np.ones(len(ids), bool)
     kept = {c for c, k in zip(ids, keep, strict=True) if k} if cfg.complete_only else None
-    speech = speech_of_actors(actor_dirs, cfg.audio_frontend, cfg.seq_len, default_cache_dir(), kept)
+    speech = speech_of_actors(
+        actor_dirs, cfg.audio_frontend, cfg.seq_len, default_cache_dir(), kept, level_norm=cfg.audio_level_norm
+    )
     n = int(keep.sum())
     parts = {"speech": (speech, np.ones(n, bool)), "face": (face[keep][:, None, :], has_face[keep])}
     widths = [parts[m][0].shape[2] for m in modalities]

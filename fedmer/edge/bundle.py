@@ -134,7 +134,7 @@ def frontend_settings(cfg: ExperimentConfig, modalities: Sequence[str]) -> dict[
     out: dict[str, dict[str, Any]] = {}
     for m in modalities:
         if cfg.data.name == "ravdess" and m == "speech":
-            fe = build_audio_frontend(cfg.data.audio_frontend, cfg.data.seq_len)
+            fe = build_audio_frontend(cfg.data.audio_frontend, cfg.data.seq_len, cfg.data.audio_level_norm)
             out[m] = {"type": "audio", **fe.params(), "feature_names": list(fe.feature_names)}
         elif cfg.data.name == "ravdess" and m == "face":
             out[m] = {

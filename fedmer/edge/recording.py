@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmer.data.audio_features import SAMPLE_RATE, SpeechFrontEnd, build_audio_frontend, read_flac
+from fedmer.data.audio_features import (
+    SAMPLE_RATE,
+    SpeechFrontEnd,
+    build_audio_frontend,
+    level_norm_of,
+    read_flac,
+)
 from fedmer.data.ravdess import (
     CLASS_NAMES,
     FACE_FEATURES,
@@ -85,8 +91,8 @@ def audio_frontend(meta: BundleMeta) -> SpeechFrontEnd:
             f"data.name={meta.data.get('name')!r}, not speech from an audio front-end; "
             "fedmer predict needs a model trained on RAVDESS audio (data.name=ravdess)"
         )
-    fe = build_audio_frontend(str(settings["kind"]), int(settings["seq_len"]))
     stored = {k: v for k, v in settings.items() if k not in ("type", "feature_names")}
+    fe = build_audio_frontend(str(settings["kind"]), int(settings["seq_len"]), level_norm_of(stored))
     if stored != fe.params():
         raise RecordingError(
             f"the model was trained with audio front-end {stored}, this FedMER computes {fe.params()}: "

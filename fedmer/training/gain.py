@@ -23,6 +23,7 @@ from fedmer.data.audio_features import SpeechFrontEnd, build_audio_frontend, rea
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.feature_stats import exact_feature_stats
 from fedmer.data.ravdess import N_ACTORS, assign_actor_sites, expected_clip_ids, load_clips, resolve_root
+from fedmer.data.registry import sites_built
 from fedmer.models import build_model_for
 from fedmer.training.loops import make_loader, predict, seed_everything, train_epochs
 from fedmer.training.metrics import classification_report
@@ -91,7 +92,7 @@ def gain_robustness(
 
     Returns ``uar`` (gain -> held-out UAR, 0 dB included), ``agreement`` (gain -> fraction of
     held-out clips whose prediction equals the 0 dB one), ``clipped`` (gain -> clips that
-    clipped), ``n_test``. The split is the experiment's: ``cfg.federation.num_clients`` sites,
+    clipped), ``n_test``. The split is the experiment's: ``sites_built(cfg)`` sites,
     ``data.test_persons_per_site`` held-out actors each, ``cfg.seed``. ``replayed`` (gain -> speech
     features of every clip of :func:`clip_paths`, 0 dB included) replaces the front-end's own
     output, e.g. a variant's, computed once for several seeds (:func:`replay_all`).
@@ -105,13 +106,13 @@ def gain_robustness(
             f"{len(paths)} clip files for {len(clips)} loaded clips: the order cannot be matched"
         )
     _, is_test = assign_actor_sites(
-        np.arange(1, N_ACTORS + 1), cfg.federation.num_clients, cfg.data.test_persons_per_site, cfg.seed
+        np.arange(1, N_ACTORS + 1), sites_built(cfg), cfg.data.test_persons_per_site, cfg.seed
     )
     if replayed is not None:
         if cfg.data.modality_list != ("speech",):
             raise ConfigError("replayed features need data.modalities=speech")
         clips = dataclasses.replace(clips, x=replayed[0.0], feature_slices=((0, replayed[0.0].shape[2]),))
-    frontend = build_audio_frontend(cfg.data.audio_frontend, cfg.data.seq_len)
+    frontend = build_audio_frontend(cfg.data.audio_frontend, cfg.data.seq_len, cfg.data.audio_level_norm)
     test_idx = np.flatnonzero(is_test[clips.person - 1])
     train = clips.subset(np.flatnonzero(~is_test[clips.person - 1]))
     test = clips.subset(test_idx)

@@ -202,9 +202,10 @@ def test_cache_is_reused_and_a_corrupt_file_rebuilt(tmp_path, monkeypatch, caplo
 def test_cold_actors_are_extracted_on_every_core_with_the_same_features(tmp_path) -> None:
     """A cold cache is filled by worker processes; the features equal one process's, in order."""
     dirs = [DATA / "audio16k" / f"Actor_{a:02d}" for a in (3, 4, 6)]
-    serial = np.concatenate([load_actor_speech(d, AudioFrontEnd("logmel", 8), None) for d in dirs])
+    fe = AudioFrontEnd("logmel", 8, level_norm=True)  # what speech_of_actors builds by default
+    serial = np.concatenate([load_actor_speech(d, fe, None) for d in dirs])
     (tmp_path / "warm").mkdir()
-    load_actor_speech(dirs[0], AudioFrontEnd("logmel", 8), tmp_path / "warm")  # one already cached
+    load_actor_speech(dirs[0], fe, tmp_path / "warm")  # one already cached
     parallel = speech_of_actors(dirs, "logmel", 8, tmp_path / "warm")
     np.testing.assert_array_equal(parallel, serial)
     assert len(list((tmp_path / "warm").glob("*.npz"))) == 3
@@ -215,7 +216,7 @@ def test_a_clip_selection_extracts_only_those_clips_and_reuses_a_whole_actors_ca
     on the workers, under their own key, equal to the whole actors' rows; an actor whose 60 clips
     are cached (here by the ``split`` fixture) is sliced from that file, nothing extracted."""
     dirs = [DATA / "audio16k" / f"Actor_{a:02d}" for a in (8, 9)]
-    fe = AudioFrontEnd("logmel", CFG.seq_len)
+    fe = AudioFrontEnd("logmel", CFG.seq_len, level_norm=True)  # data.audio_level_norm's default
     whole = np.concatenate([load_actor_speech(d, fe, CACHE) for d in dirs])
     ids = [c for d in dirs for c in expected_clip_ids(int(d.name[-2:]))]
     av = {c for c in ids if c.split("-")[4:6] == ["01", "01"]}  # statement 01, repetition 01
