@@ -90,3 +90,22 @@ def test_logmel_level_norm_is_opt_in_and_hides_a_gain() -> None:
     assert fe.params()["level_norm"] == LEVEL_DBFS
     voice = _voice()
     np.testing.assert_allclose(fe(play_at_gain(voice, -20.0)[0]), fe(voice), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["logmel", "mfcc", "egemaps"])
+@pytest.mark.parametrize("level_norm", [True, False])
+def test_a_bundle_s_front_end_record_rebuilds_the_same_front_end(kind: str, level_norm: bool) -> None:
+    """``fedmer predict`` rebuilds the front-end from the bundle's record (``level_norm_of``)."""
+    from fedmer.data.audio_features import level_norm_of
+
+    fe = build_audio_frontend(kind, 5, level_norm=level_norm)
+    assert level_norm_of(fe.params()) is level_norm
+    assert build_audio_frontend(kind, 5, level_norm_of(fe.params())).params() == fe.params()
+
+
+def test_records_from_before_the_option_read_as_what_they_were() -> None:
+    """Bundles written before ``data.audio_level_norm``: log-mel without, eGeMAPS with."""
+    from fedmer.data.audio_features import level_norm_of
+
+    assert level_norm_of({"kind": "logmel"}) is False
+    assert level_norm_of({"kind": "egemaps"}) is True
