@@ -217,7 +217,16 @@ def speech_of_actors(
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         only = [] if clips is None else [f"--clips={','.join(sorted(clips))}"]
         level = "1" if level_norm else "0"
-        argv = [sys.executable, "-m", "fedmer.data.feature_worker", *only, kind, str(seq_len), level, str(cache_dir)]
+        argv = [
+            sys.executable,
+            "-m",
+            "fedmer.data.feature_worker",
+            *only,
+            kind,
+            str(seq_len),
+            level,
+            str(cache_dir),
+        ]
         procs = [
             subprocess.Popen(
                 argv + [str(d) for d in cold[i::workers]],
@@ -408,7 +417,12 @@ def load_clips(cfg: DataConfig) -> MultimodalDataset:
     keep = has_face if cfg.complete_only else np.ones(len(ids), bool)
     kept = {c for c, k in zip(ids, keep, strict=True) if k} if cfg.complete_only else None
     speech = speech_of_actors(
-        actor_dirs, cfg.audio_frontend, cfg.seq_len, default_cache_dir(), kept, level_norm=cfg.audio_level_norm
+        actor_dirs,
+        cfg.audio_frontend,
+        cfg.seq_len,
+        default_cache_dir(),
+        kept,
+        level_norm=cfg.audio_level_norm,
     )
     n = int(keep.sum())
     parts = {"speech": (speech, np.ones(n, bool)), "face": (face[keep][:, None, :], has_face[keep])}
