@@ -93,7 +93,7 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, run_id: int | None
         _simulate_in_process(cfg, client_app, run_config, run_id)
         return run_id
     log.info("simulating %d clients on Flower's Ray runtime", cfg.federation.num_clients)
-    with flower_patches(), _runtime_failure_named():  # see flower_patches: cost and a failed start
+    with flower_patches(), _runtime_failure_named():  # polling and registration that scale; a failed start
         _run_simulation(
             num_supernodes=cfg.federation.num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -109,13 +109,19 @@ def simulate(cfg: ExperimentConfig, *, verbose: bool = False, run_id: int | None
     return run_id
 
 
+#: What Flower's ``_main_loop`` raises when its runtime fails (the cause is the ``__cause__``).
+_FLOWER_RUNTIME_FAILED = "An error was encountered. Ending simulation."
+
+
 @contextlib.contextmanager
 def _runtime_failure_named() -> Iterator[None]:
-    """Flower reports a runtime that failed to start as "An error was encountered. Ending
-    simulation."; the run's error names the cause instead (it is the exception's ``__cause__``)."""
+    """A runtime that failed to start: record the threads it left running (:data:`ABANDONED`)
+    and name the cause, where Flower's own error says only "Ending simulation"."""
     try:
         yield
     except RuntimeError as err:
+        if str(err) != _FLOWER_RUNTIME_FAILED:
+            raise  # another failure (the ServerApp's own, re-raised by Flower): as it is
         main = threading.main_thread()
         ABANDONED.extend(t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive())
         cause = err.__cause__
