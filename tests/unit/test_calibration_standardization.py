@@ -141,3 +141,28 @@ def test_bad_calibration_settings_fail_naming_the_key(overrides: dict, key: str,
     with pytest.raises(ConfigError) as err:
         ExperimentConfig.from_run_config(FLAT | overrides)
     assert key in str(err.value) and hint in str(err.value)
+
+
+@pytest.mark.e2e
+def test_a_whole_run_standardises_with_the_calibration_set_and_trains_without_it(tmp_path) -> None:
+    """``fedmer``'s own command, end to end (in process, no Ray): the run succeeds, no ledger holds
+    a release, and the final model standardises with exactly the calibration set's statistics."""
+    import torch
+
+    from tests.e2e.conftest import QUICK, run_cli
+
+    overrides = ["data.standardize=calibration", "data.calibration_sites=1", "federation.runtime=inprocess"]
+    proc = run_cli(tmp_path, *overrides, "model.encoder=functionals", "seed=3")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["feature_stats"]["source"] == "calibration"
+    assert "not protected by any epsilon" in summary["privacy"]["standardization"]
+    cfg = ExperimentConfig.from_run_config(json.loads((tmp_path / "config.json").read_text())["run_config"])
+    assert cfg.data.calibration_sites == 1 and QUICK[0] == "federation=quick"
+    expected = exact_feature_stats(load_calibration_set(cfg))
+    assert read_feature_stats(tmp_path / FEATURE_STATS_JSON) == expected
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.testing.assert_close(state["standardizer.shift"], torch.tensor(expected.mean, dtype=torch.float32))
+    for pid in range(cfg.federation.num_clients):  # DP-SGD's entries only: nothing released before round 1
+        ledger = json.loads((tmp_path / "ledgers" / f"client-{pid}.json").read_text())["entries"]
+        assert 0 not in ledger["round"]
