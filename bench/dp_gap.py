@@ -323,7 +323,7 @@ def _released_stats(
 def _standardised_design(data: MultimodalDataset, stats: FeatureStats, s: Setting) -> np.ndarray:
     """:func:`design` as FedMER's model computes it with ``set_feature_stats(stats)``: frames
     standardised by the frame statistics, then each encoder's per-clip mean and std by the
-    functional statistics in those units (``MultimodalClassifier.set_feature_stats``)."""
+    functional statistics in those units (``MultimodalEmotionNet.set_feature_stats``)."""
     mean, std = np.asarray(stats.mean), np.asarray(stats.std)
     z = (data.x.astype(np.float64) - mean) / std
     for m, (a, b) in enumerate(data.feature_slices):
@@ -396,7 +396,7 @@ def score_fedmer(seed: int, s: Setting, cv: bool, repeats: int) -> float:
             sites = [
                 (xfit[tr.site == k], tr.y[tr.site == k])
                 for k in site_ids
-                if k != val and (k == val or keep[tr.site == k].all())
+                if k != val and keep[tr.site == k].all()  # not the validation or calibration site
             ]
             w = train_fedmer(sites, s_fit, rng, fs)
             results.append(classification_report(yv, (xv @ w).argmax(axis=1), K)["uar"])

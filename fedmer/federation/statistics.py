@@ -235,7 +235,5 @@ def _standardize_from_calibration(
             "clip_norm": None,
             "features_left_unstandardised": len(stats.floored),
             "failures": [],
-            "privacy": "public calibration persons held by the server: not a client's data, "
-            "no epsilon spent, and not protected by any epsilon",
-        }
+        }  # what protects them: the privacy statement's "standardization" (config.json, summary.json)
     }
