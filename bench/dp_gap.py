@@ -495,6 +495,20 @@ VARIANTS: dict[str, Setting] = {
 }
 
 
+def print_scales(s: Setting, seed: int) -> None:
+    """How far apart the inputs' scales are: quantiles of each varying column's std over the
+    training clips, and of its |mean| / std (why a joint-clipped DP release cannot resolve them)."""
+    tr = split_for(seed, s).train
+    x, _ = design(tr, s)
+    sd = x.std(axis=0)
+    vary = sd > 1e-6
+    q = (0, 0.1, 0.5, 0.9, 1)
+    print(f"{int(vary.sum())} varying columns of {x.shape[1]}, {len(x)} training clips")
+    print("std quantiles 0/10/50/90/100%:", " ".join(f"{v:.3g}" for v in np.quantile(sd[vary], q)))
+    ratio = np.abs(x.mean(axis=0))[vary] / sd[vary]
+    print("|mean|/std quantiles 0/10/50/90/100%:", " ".join(f"{v:.3g}" for v in np.quantile(ratio, q)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -504,6 +518,9 @@ def main() -> None:
     parser.add_argument(
         "--set", nargs="*", default=[], help="extra Setting fields key=value for all variants"
     )
+    parser.add_argument(
+        "--scales", action="store_true", help="print the design's per-feature spreads (first variant, seed)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     extra: dict[str, Any] = {}
@@ -511,6 +528,9 @@ def main() -> None:
         k, v = kv.split("=", 1)
         typ = type(getattr(Setting(), k))
         extra[k] = v in ("1", "true", "True") if typ is bool else typ(v)
+    if args.scales:
+        print_scales(dataclasses.replace(VARIANTS[args.variants[0]], **extra), args.seeds[0])
+        return
     for name in args.variants:
         s = dataclasses.replace(VARIANTS[name], **extra)
         scores = [score(seed, s, cv=args.cv, repeats=args.repeats) for seed in args.seeds]
