@@ -53,8 +53,9 @@ from simulations.compose import compose_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
 NON_PRIVATE = "non-private"
-#: Opacus' modes, in the order of the table ("ghost*": ghost with the embedding index made contiguous).
-MODES = ("hooks", "ew", "functorch", "ghost", "ghost*")
+#: Opacus' modes, in the order of the table ("ghost*": ghost with the embedding index made contiguous;
+#: "ew-group": ew with torch's grouped-convolution per-sample gradient for every ``Conv1d``).
+MODES = ("hooks", "ew", "ew-group", "functorch", "ghost", "ghost*")
 THREADS = 1  # what node_of sets: one Ray CPU per simulated client
 
 
@@ -105,6 +106,24 @@ def _private(cfg: ExperimentConfig, data: MultimodalDataset, mode: str, noise: f
     wrapped, dp_opt = setup.module, setup.optimizer
 
     return Stepper(mode, _timed_step(wrapped, dp_opt))
+
+
+def _ew_group(cfg: ExperimentConfig, data: MultimodalDataset, noise: float) -> Stepper:
+    """``ew`` with torch's other ``Conv1d`` per-sample gradient: a convolution grouped over the
+    batch, which torch uses below ``conv_utils.THRESHOLD`` (32) samples and ``unfold`` + ``einsum``
+    above; forced here for the batch of 128 during this stepper's steps only."""
+    from torch.nn.utils._expanded_weights import conv_utils
+
+    inner = _private(cfg, data, "ew", noise).step
+
+    def step(batch: Sequence[torch.Tensor]) -> tuple[float, float, float]:
+        saved, conv_utils.THRESHOLD = conv_utils.THRESHOLD, 1 << 30
+        try:
+            return inner(batch)
+        finally:
+            conv_utils.THRESHOLD = saved
+
+    return Stepper("ew-group", step)
 
 
 def _ghost(cfg: ExperimentConfig, data: MultimodalDataset, noise: float, contiguous: bool) -> Stepper:
@@ -167,6 +186,8 @@ def time_steps(
             stepper = (
                 _ghost(cfg, data, noise, contiguous=mode == "ghost*")
                 if mode.startswith("ghost")
+                else _ew_group(cfg, data, noise)
+                if mode == "ew-group"
                 else _private(cfg, data, mode, noise)
             )
             stepper.step(batches[0])  # fails here, if it fails
