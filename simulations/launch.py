@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from flwr.supercore.telemetry import EventType
 
 from fedmer.config import ExperimentConfig
 from simulations.flower_patches import flower_patches
+from simulations.ray_start import ray_init_args
 
 __all__ = ["ABANDONED", "PROJECT_ROOT", "backend_config", "new_run_id", "simulate"]
 
@@ -53,17 +53,10 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     a time; one CPU per client (torch pinned to one thread in the ClientApp) runs two.
     """
     resources = {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0}
-    address = os.environ.get("RAY_ADDRESS")
-    if address:  # an existing cluster brings its own resources; ray.init refuses num_cpus then
-        log.info("attaching the simulation to the Ray cluster at %s (RAY_ADDRESS)", address)
-        return {"client_resources": resources, "init_args": {"address": address, "include_dashboard": False}}
-    cpus = os.cpu_count() or 2
-    return {
-        "client_resources": resources,
-        # "local": a new Ray instance even when a `ray start` cluster runs on this machine (a bare
-        # ray.init() would attach to it, and then refuse num_cpus)
-        "init_args": {"address": "local", "num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
-    }
+    init_args = ray_init_args()
+    if init_args["address"] != "local":
+        log.info("attaching the simulation to the Ray cluster at %s (RAY_ADDRESS)", init_args["address"])
+    return {"client_resources": resources, "init_args": init_args}
 
 
 def new_run_id() -> int:

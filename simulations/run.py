@@ -15,6 +15,7 @@ continues a killed or interrupted run in its own folder. Ctrl-C stops a run with
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -25,16 +26,16 @@ from typing import Any, NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedmer.config import ConfigError, ExperimentConfig
-from fedmer.data.registry import check_partitions
-from fedmer.results.checkpoint import resumable_checkpoint
 from fedmer.results.layout import SUMMARY_JSON, run_dir
 from simulations.compose import CONFIG_DIR, compose_config, experiment_from_hydra
 from simulations.interrupt import exit_interrupted, exit_now, handle_ctrl_c, set_run_folder
-from simulations.launch import ABANDONED, new_run_id, simulate
-from simulations.ray_session import keep_ray
+from simulations.ray_start import start_ray_early, stop_ray
+
+# Only light modules above (no torch, Opacus, Flower or Ray): a single run starts Ray in the
+# background first (simulations/ray_start.py); the functions below import the rest (seconds).
 
 __all__ = [
     "CONFIG_DIR",
@@ -63,7 +64,11 @@ def run(exp: ExperimentConfig) -> dict[str, Any]:
     With ``resume=<folder>`` the folder is checked (finished, no checkpoint, another config:
     refused) before Ray starts, and the run continues there.
     """
-    check_partitions(exp)  # fails before Ray starts if a client would be empty
+    from fedmer.data.registry import check_partitions
+    from fedmer.results.checkpoint import resumable_checkpoint
+    from simulations.launch import new_run_id, simulate
+
+    check_partitions(exp)  # fails before the simulation starts if a client would be empty
     if exp.resume:
         folder = Path(exp.resume).expanduser().resolve()
         ckpt = resumable_checkpoint(folder, exp)
@@ -88,6 +93,8 @@ def run(exp: ExperimentConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float:
     """Run one composed config; return the final held-out UAR (for sweepers)."""
     logging.getLogger("flwr").propagate = False  # Flower logs to its own handler; don't print twice
+    from simulations.ray_session import keep_ray
+
     handle_ctrl_c()  # Ctrl-C: exit 130 within seconds, even if a library swallows the interrupt
     if _in_sweep():  # every job of a sweep after the first starts on the same Ray session and actors
         keep_ray()  # jobs with federation.runtime=inprocess never start Ray: nothing to share
@@ -141,12 +148,28 @@ def cli(argv: list[str]) -> int:
     A single run's config is composed and validated first: any bad input (a bad value, an unknown
     key or group option, a malformed override) is one line on stderr and exit code 2, before Hydra
     makes a run folder. Hydra's own errors would otherwise be several lines and exit code 1.
+
+    A single run on Ray starts Ray in the background as soon as its config composes, so that
+    Ray's workers import the ClientApp while this process imports and validates; once the config
+    is valid the actors are created (:func:`~simulations.ray_session.prestart`). A config that
+    turns out invalid stops that Ray again before the error is returned.
     """
     sys.argv = ["fedmer run", *argv]
-    problem = _config_error(argv)
-    if problem is not None:
-        print(f"fedmer run: configuration error: {problem}", file=sys.stderr)
-        return 2
+    composed = _composed(argv)
+    if isinstance(composed, ConfigError):
+        return _config_error(composed)
+    early = (
+        composed is not None
+        and OmegaConf.select(composed, "federation.runtime") == "ray"
+        and start_ray_early()
+    )
+    exp = None if composed is None else _experiment(composed)
+    if isinstance(exp, ConfigError):
+        if early:
+            stop_ray()
+        return _config_error(exp)
+    if exp is not None and exp.federation.runtime == "ray":
+        _prestart_actors(exp)
     try:
         main()
     except SystemExit as stop:  # a failed run (or sweep) leaves with its status, even past a stuck thread
@@ -156,8 +179,25 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
+def _config_error(err: ConfigError) -> int:
+    print(f"fedmer run: configuration error: {err}", file=sys.stderr)
+    return 2
+
+
+def _prestart_actors(exp: ExperimentConfig) -> None:
+    """The run's ClientApp actors, created now: they warm up while this process sets up the run."""
+    from client.warm import warm_up
+    from simulations.launch import backend_config
+    from simulations.ray_session import prestart
+
+    logging.getLogger("flwr").propagate = False  # as main() sets it: Flower logs to its own handler
+    prestart(backend_config(exp), functools.partial(warm_up, exp.to_run_config()))
+
+
 def _leave_if_abandoned(code: int) -> None:
     """Exit now with ``code`` if a failed runtime left a thread that would block the exit."""
+    from simulations.launch import ABANDONED
+
     stuck = [t.name for t in ABANDONED if t.is_alive()]
     if stuck:
         log.error(
@@ -166,15 +206,22 @@ def _leave_if_abandoned(code: int) -> None:
         exit_now(code)
 
 
-def _config_error(argv: list[str]) -> ConfigError | None:
-    """What is wrong with a single run's overrides, or None (also for flags: Hydra handles those)."""
+def _composed(argv: list[str]) -> DictConfig | ConfigError | None:
+    """A single run's composed config, or what is wrong with its overrides; None for flags (Hydra's own)."""
     if any(arg.startswith("-") for arg in argv):  # -m sweeps, --cfg, --help, -cn, ...: Hydra's own
         return None
     try:
-        experiment_from_hydra(compose_config(argv))
+        return compose_config(argv)
     except ConfigError as err:
         return err
-    return None
+
+
+def _experiment(composed: DictConfig) -> ExperimentConfig | ConfigError:
+    """The validated experiment of a composed config, or what is wrong with it."""
+    try:
+        return experiment_from_hydra(composed)
+    except ConfigError as err:
+        return err
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from flwr.app import Message, MessageType, RecordDict
-from flwr.server.superlink.linkstate import InMemoryLinkState
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.superlink.grid import InMemoryGrid
+
+if TYPE_CHECKING:  # the SuperLink's modules take ~0.7 s to import; a ClientApp never needs them
+    from flwr.supercore.run import Run
 
 from fedmer import records as rk
 
@@ -48,6 +49,9 @@ def registration_order(grid: Grid) -> list[int] | None:
 
     None for any other grid (deployment: only the nodes know their partition).
     """
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+    from flwr.superlink.grid import InMemoryGrid
+
     if not isinstance(grid, InMemoryGrid) or not isinstance(grid.state, InMemoryLinkState):
         return None
     return [info.node_id for info in grid.state.get_node_info()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "node_data",
     "node_of",
     "node_privacy",
+    "parse_run_config",
     "partition_of",
     "wait_for_nodes",
 ]
@@ -48,7 +50,12 @@ def _experiment(items: tuple[tuple[str, object], ...]) -> ExperimentConfig:
 
 def experiment_of(context: Context) -> ExperimentConfig:
     """The validated experiment config of this run (parsed once per process)."""
-    return _experiment(tuple(sorted(context.run_config.items())))
+    return parse_run_config(context.run_config)
+
+
+def parse_run_config(run_config: Mapping[str, object]) -> ExperimentConfig:
+    """A run config (what Flower hands every node) as a validated experiment, cached per process."""
+    return _experiment(tuple(sorted(run_config.items())))
 
 
 def partition_of(context: Context, cfg: ExperimentConfig) -> int:

@@ -205,13 +205,17 @@ def _one_clear_line(text: str, bad: Bad, prefix: str) -> str:
 
 @pytest.fixture
 def no_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``fedmer run``'s Hydra app, which would start a simulation, refuses to be reached."""
+    """``fedmer run``'s Hydra app, which would start a simulation, refuses to be reached; and no
+    Ray starts early in this test process (a subprocess test covers that path:
+    ``tests/e2e/test_ray_start.py``)."""
     import simulations.run
+    from simulations.ray_start import REUSE_ENV
 
     def tripwire() -> None:
         raise AssertionError("the invalid config reached the simulation")
 
     monkeypatch.setattr(simulations.run, "main", tripwire)
+    monkeypatch.setenv(REUSE_ENV, "0")
 
 
 @pytest.mark.parametrize("bad", COMMAND, ids=str)
