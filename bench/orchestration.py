@@ -8,12 +8,16 @@ runtime) with the same overrides, its rounds timed as they land in ``rounds.json
 
     .venv/bin/python -m bench.orchestration                      # the default run (10 x 20)
     .venv/bin/python -m bench.orchestration --rounds 8 --flower-default
+    .venv/bin/python -m bench.orchestration --flower-start --repeats 3   # early Ray start or Flower's
 
 Printed: ideal and actual seconds per steady round (median over rounds 2..R), their ratio
 (efficiency, target >= 0.95), the whole run's ratio (ideal total over launch-to-exit, target
 >= 0.85), start-up (launch to the end of round 1 minus one steady round, target <= 10 s),
 and whether the final metrics of both are identical. ``--flower-default`` adds the run with
-Flower's default client resources (2 CPUs per client: one client at a time on 2 cores).
+Flower's default client resources (2 CPUs per client: one client at a time on 2 cores);
+``--flower-start`` the run with Ray and its actors started by Flower's runtime after the driver's
+set-up (``FEDMER_REUSE_RAY=0``) instead of early (``simulations/ray_start.py``); ``--repeats``
+runs each variant that many times, interleaved, and reports medians.
 Results: bench/results/orchestration.json.
 """
 
@@ -72,7 +76,7 @@ def _ideal(overrides: list[str], out: Path) -> dict[str, Any]:
     return {"rounds": rounds, "setup_s": setup, "final": summary["final"]}
 
 
-def _actual(overrides: list[str], out: Path) -> dict[str, Any]:
+def _actual(overrides: list[str], out: Path, env: dict[str, str]) -> dict[str, Any]:
     """``python -m simulations.run`` as a user starts it; when each round's row lands, and the exit."""
     cmd = [sys.executable, "-m", "simulations.run", *overrides, f"hydra.run.dir={out}"]
     landed: list[float] = []
@@ -90,7 +94,7 @@ def _actual(overrides: list[str], out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
     t_exit = time.perf_counter()
     done.set()
     watcher.join()
@@ -120,31 +124,58 @@ def _compare(ideal: dict[str, Any], actual: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over repeated runs (each run's own figures kept under ``runs``)."""
+    out: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, bool):
+            out[key] = all(r[key] for r in runs)
+        else:
+            out[key] = round(statistics.median(r[key] for r in runs), 3)
+    return {**out, "runs": runs} if len(runs) > 1 else out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="federation.num_rounds (default run: 20)")
     parser.add_argument("--flower-default", action="store_true", help="also Flower's default resources")
+    parser.add_argument(
+        "--flower-start",
+        action="store_true",
+        help="also the run with Ray and its actors started by Flower's runtime (FEDMER_REUSE_RAY=0)",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved (medians)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
     args = parser.parse_args()
     overrides = [f"federation.num_rounds={args.rounds}", *args.overrides]
-    report: dict[str, Any] = {"overrides": overrides, "cores": os.cpu_count()}
+    report: dict[str, Any] = {"overrides": overrides, "cores": os.cpu_count(), "repeats": args.repeats}
+    variants: dict[str, tuple[list[str], dict[str, str]]] = {"fedmer (1 CPU per client)": ([], {})}
+    if args.flower_start:
+        variants["fedmer, Flower's start of Ray"] = ([], {"FEDMER_REUSE_RAY": "0"})
+    if args.flower_default:
+        variants["flower default (2 CPUs per client)"] = (["federation.client_cpus=2"], {})
     with tempfile.TemporaryDirectory(prefix="fedmer-orch-") as tmp:
         print("ideal: the same run in this process, one thread ...", flush=True)
         ideal = _ideal(overrides, Path(tmp) / "ideal")
-        variants = {"fedmer (1 CPU per client)": []}
-        if args.flower_default:
-            variants["flower default (2 CPUs per client)"] = ["federation.client_cpus=2"]
-        for name, extra in variants.items():
-            print(f"actual: {name} ...", flush=True)
-            actual = _actual([*overrides, *extra], Path(tmp) / name.split()[0])
-            report[name] = _compare(ideal, actual)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        for i in range(args.repeats):
+            for k, (name, (extra, env)) in enumerate(variants.items()):
+                print(f"actual {i + 1}/{args.repeats}: {name} ...", flush=True)
+                actual = _actual([*overrides, *extra], Path(tmp) / f"run{i}-{k}", env)
+                runs[name].append(_compare(ideal, actual))
+        for name, measured in runs.items():
+            report[name] = _median(measured)
     report["ideal_setup_s"] = round(ideal["setup_s"], 2)
-    print(f"\n{'':38} {'steady ideal':>12} {'actual':>8} {'eff':>6} {'whole eff':>9} {'start-up':>8} same")
+    print(
+        f"\n{'':38} {'steady ideal':>12} {'actual':>8} {'eff':>6} {'whole s':>8} {'whole eff':>9} "
+        f"{'start-up':>8} same"
+    )
     for name in variants:
         r = report[name]
         print(
             f"{name:38} {r['steady_round_ideal_s']:>12.2f} {r['steady_round_actual_s']:>8.2f} "
-            f"{r['steady_efficiency']:>6.3f} {r['whole_run_efficiency']:>9.3f} {r['startup_s']:>8.1f} "
+            f"{r['steady_efficiency']:>6.3f} {r['whole_run_actual_s']:>8.1f} "
+            f"{r['whole_run_efficiency']:>9.3f} {r['startup_s']:>8.1f} "
             f"{'yes' if r['identical_metrics'] else 'NO'}"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
