@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.results.layout import SUMMARY_JSON, run_dir
 from simulations.compose import CONFIG_DIR, compose_config, experiment_from_hydra
-from simulations.interrupt import exit_interrupted, exit_now, handle_ctrl_c, set_run_folder
+from simulations.interrupt import EXIT_INTERRUPTED, exit_interrupted, exit_now, handle_ctrl_c, set_run_folder
 from simulations.ray_start import start_ray_early, stop_ray
 
 # Only light modules above (no torch, Opacus, Flower or Ray): a single run starts Ray in the
@@ -163,13 +163,19 @@ def cli(argv: list[str]) -> int:
         and OmegaConf.select(composed, "federation.runtime") == "ray"
         and start_ray_early()
     )
-    exp = None if composed is None else _experiment(composed)
-    if isinstance(exp, ConfigError):
+    try:
+        exp = None if composed is None else _experiment(composed)
+        if isinstance(exp, ConfigError):
+            if early:
+                stop_ray()
+            return _config_error(exp)
+        if exp is not None and exp.federation.runtime == "ray":
+            _prestart_actors(exp)
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handler: Ray may be half started
         if early:
-            stop_ray()
-        return _config_error(exp)
-    if exp is not None and exp.federation.runtime == "ray":
-        _prestart_actors(exp)
+            log.error("interrupted before the run started")
+            exit_now(EXIT_INTERRUPTED)  # kills Ray's processes by PID, as a run's Ctrl-C does
+        raise
     try:
         main()
     except SystemExit as stop:  # a failed run (or sweep) leaves with its status, even past a stuck thread

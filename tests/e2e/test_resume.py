@@ -168,6 +168,25 @@ def test_ctrl_c_while_ray_starts_its_actors_still_stops_with_130_and_no_process(
     assert "interrupted" in text
 
 
+def test_ctrl_c_while_ray_starts_early_and_the_config_is_validated_stops_with_130_and_no_process(
+    tmp_path: Path,
+) -> None:
+    """Before the run's own Ctrl-C handler: Ray is starting in the background (ray_start.py)."""
+    out = tmp_path / "run"
+    with _driver(out, SEED) as proc:
+        # Ray names its session folder after the process that starts it, as it starts
+        _wait_for(proc, lambda: any(Path("/tmp/ray").glob(f"session_*_{proc.pid}")), timeout=60)
+        assert "simulating" not in out.with_suffix(".log").read_text(), "the run started already"
+        os.killpg(proc.pid, signal.SIGINT)
+        started = time.monotonic()
+        rc = proc.wait(30)
+        took = time.monotonic() - started
+        left = _wait_gone(proc.pid, timeout=15)
+    assert rc == 130, out.with_suffix(".log").read_text()[-4000:]
+    assert took < 15, f"took {took:.1f} s to stop"
+    assert not left, f"processes left behind: {left}"
+
+
 def test_ctrl_c_stops_within_seconds_leaves_a_checkpoint_and_no_process(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with _driver(out, SEED) as proc:

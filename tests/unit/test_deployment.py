@@ -207,6 +207,8 @@ def test_min_available_and_round_timeout_are_validated() -> None:
 
 def test_simulation_attaches_to_a_ray_cluster_only_with_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
     """ray.init refuses num_cpus for an existing cluster: with RAY_ADDRESS only the address goes."""
+    from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
+
     from simulations.launch import backend_config
 
     cfg = ExperimentConfig.from_run_config(FLAT)
@@ -215,7 +217,12 @@ def test_simulation_attaches_to_a_ray_cluster_only_with_ray_address(monkeypatch:
     assert "num_cpus" in own and own["address"] == "local"  # never a stray `ray start` cluster
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
     local = backend_config(cfg)
-    assert local["init_args"] == {"address": "10.0.0.7:6379", "include_dashboard": False}
+    assert local["init_args"] == {
+        "address": "10.0.0.7:6379",
+        "include_dashboard": False,
+        "logging_level": DEFAULT_SIMULATION_CONFIG.init_args_logging_level,  # what Flower sets by default
+        "log_to_driver": DEFAULT_SIMULATION_CONFIG.init_args_log_to_driver,
+    }
     assert local["client_resources"]["num_cpus"] == cfg.federation.client_cpus
 
 
