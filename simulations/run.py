@@ -155,6 +155,7 @@ def cli(argv: list[str]) -> int:
     turns out invalid stops that Ray again before the error is returned.
     """
     sys.argv = ["fedmer run", *argv]
+    handle_ctrl_c()  # also while Ray starts early, and where this process was started with Ctrl-C ignored
     composed = _composed(argv)
     if isinstance(composed, ConfigError):
         return _config_error(composed)

@@ -173,9 +173,12 @@ def test_ctrl_c_while_ray_starts_early_and_the_config_is_validated_stops_with_13
 ) -> None:
     """Before the run's own Ctrl-C handler: Ray is starting in the background (ray_start.py)."""
     out = tmp_path / "run"
+    launched = time.time()
     with _driver(out, SEED) as proc:
-        # Ray names its session folder after the process that starts it, as it starts
-        _wait_for(proc, lambda: any(Path("/tmp/ray").glob(f"session_*_{proc.pid}")), timeout=60)
+        # Ray names its session folder after the process that starts it, as it starts (and an
+        # older folder may carry the same PID: only one made since the launch counts)
+        sessions = lambda: Path("/tmp/ray").glob(f"session_*_{proc.pid}")  # noqa: E731
+        _wait_for(proc, lambda: any(s.stat().st_mtime >= launched for s in sessions()), timeout=60)
         assert "simulating" not in out.with_suffix(".log").read_text(), "the run started already"
         os.killpg(proc.pid, signal.SIGINT)
         started = time.monotonic()
