@@ -28,6 +28,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedmer import records as rk
 from fedmer.config import ConfigError, ExperimentConfig
+from fedmer.privacy.noise_search import find_noise
 
 __all__ = ["client_dp_mod", "client_level_epsilon", "client_noise_multiplier", "wrap_client_level_dp"]
 
@@ -113,20 +114,16 @@ def _noise_for_client_target(
         acc.compose(GaussianPrivacyEvent(sigma, sampled, population), count=rounds)
         return acc.get_epsilon(delta)
 
-    lo, hi = 1e-3, 1.0
-    while epsilon(hi) > target:
-        lo, hi = hi, hi * 2.0
-        if hi > 1e6:
-            raise ConfigError(f"invalid privacy.target_epsilon={target!r}: no noise up to 1e6 reaches it")
-    for _ in range(60):  # bisection in log space to ~1e-4 relative
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if epsilon(mid) > target else (lo, mid)
-        if hi / lo < 1.0001:
-            break
+    try:
+        found = find_noise(epsilon, target, rel_tol=1e-4)
+    except ValueError as err:
+        message = f"invalid privacy.target_epsilon={target!r}: no noise up to 1e6 reaches it"
+        raise ConfigError(message) from err
     log.info(
-        "client-level noise %.4f meets epsilon %.3g at delta %.1e over %d rounds", hi, target, delta, rounds
-    )
-    return hi
+        "client-level noise %.4f meets epsilon %.3g at delta %.1e over %d rounds (%d evaluations)",
+        found.sigma, target, delta, rounds, found.evaluations,
+    )  # fmt: skip
+    return found.sigma
 
 
 def client_level_epsilon(strategy: fs.Strategy) -> float | None:

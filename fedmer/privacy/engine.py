@@ -9,6 +9,7 @@ so the epsilon a client reports is its cumulative spend over every round it join
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,12 +20,12 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmer.config import GRAD_SAMPLE_MODES
 from fedmer.privacy.noise_cache import cached_on_disk
+from fedmer.privacy.noise_search import REL_TOL, find_noise, first_guess
 
 __all__ = [
     "DPSetup",
@@ -35,6 +36,8 @@ __all__ = [
     "noise_for_target",
     "planned_steps",
 ]
+
+log = logging.getLogger(__name__)
 
 #: One accountant entry: (noise multiplier, sampling rate, number of steps).
 HistoryEntry = tuple[float, float, int]
@@ -154,7 +157,7 @@ def noise_for_target(
 
 #: How :func:`_search` finds the noise; part of the disk cache's key, so that changing the
 #: search (its tolerance, its method) never reads an answer the old one stored.
-_SEARCH = "opacus get_noise_multiplier eps_tol 0.01; prior: geometric bisection to 0.1%"
+_SEARCH = f"fedmer find_noise: Illinois on log epsilon, epsilon in (target*(1-{REL_TOL:g}), target]"
 
 
 def _search(
@@ -165,22 +168,29 @@ def _search(
     accountant: str,
     prior: tuple[HistoryEntry, ...],
 ) -> float:
+    base = PrivacyHistory().extended(prior)
+    if prior and compute_epsilon(base, delta, accountant) >= target_epsilon:
+        raise ValueError(
+            f"the releases before training already spend epsilon >= {target_epsilon:g} "
+            f"(delta {delta:g}): no DP-SGD noise can meet the target"
+        )
+
+    def epsilon(sigma: float) -> float:
+        return compute_epsilon(base.extended([(sigma, sample_rate, steps)]), delta, accountant)
+
+    return _find(epsilon, target_epsilon, first_guess(target_epsilon, delta, sample_rate, steps))
+
+
+def _find(epsilon: Callable[[float], float], target: float, start: float) -> float:
     with warnings.catch_warnings():
-        # The bisection probes extreme noise levels where Opacus warns about its alpha range.
+        # The search probes noise levels where Opacus warns about its alpha range.
         warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
-        if not prior:
-            return _search_noise(target_epsilon, delta, sample_rate, steps, accountant)
-        base = PrivacyHistory().extended(prior)
-        if compute_epsilon(base, delta, accountant) >= target_epsilon:
-            raise ValueError(
-                f"the releases before training already spend epsilon >= {target_epsilon:g} "
-                f"(delta {delta:g}): no DP-SGD noise can meet the target"
-            )
-
-        def epsilon(sigma: float) -> float:
-            return compute_epsilon(base.extended([(sigma, sample_rate, steps)]), delta, accountant)
-
-        return _bisect_noise(epsilon, target_epsilon)
+        found = find_noise(epsilon, target, start=start)
+    log.debug(
+        "noise %.6g: epsilon %.6g (target %g), %d evaluations",
+        found.sigma, found.epsilon, target, found.evaluations,
+    )  # fmt: skip
+    return found.sigma
 
 
 #: The search, cached per process (every round asks again) and on disk (every actor, job and
@@ -192,38 +202,10 @@ def gaussian_release_noise(target_epsilon: float, delta: float, accountant: str 
     """Smallest noise multiplier of one Gaussian release (sampling rate 1) within ``target_epsilon``."""
     if math.isinf(target_epsilon):
         return 0.0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
-        return _bisect_noise(
-            lambda s: compute_epsilon(PrivacyHistory(((s, 1.0, 1),)), delta, accountant), target_epsilon
-        )
-
-
-def _bisect_noise(epsilon: Callable[[float], float], target: float) -> float:
-    """Smallest sigma (to 0.1 %) with ``epsilon(sigma) <= target``; epsilon falls with sigma."""
-    lo, hi = 1e-2, 1.0
-    while epsilon(hi) > target:
-        lo, hi = hi, hi * 2.0
-        if hi > 1e6:
-            raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target:g}")
-    while hi / lo > 1.001:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if epsilon(mid) > target else (lo, mid)
-    return hi
-
-
-def _search_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.01,
-        )
+    return _find(
+        lambda s: compute_epsilon(PrivacyHistory(((s, 1.0, 1),)), delta, accountant),
+        target_epsilon,
+        first_guess(target_epsilon, delta, 1.0, 1),
     )
 
 

@@ -9,6 +9,7 @@ runtime itself is exercised by the e2e tests; this keeps every config honest che
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -57,11 +58,13 @@ def _task_identity():
     yield
 
 
-def _one_round(overrides: list[str]) -> None:
+def _one_round(overrides: list[str], out: Path) -> None:
+    """One round of three real ClientApp calls; ledgers under ``out`` (each test its own: two
+    xdist workers writing one ledger would be, rightly, refused as a second writer)."""
     from client.app import train
     from fedmer.federation.strategies import build_strategy
 
-    exp = experiment_from_hydra(compose([*SMALL, *overrides]))
+    exp = experiment_from_hydra(compose([*SMALL, *overrides], output_dir=str(out)))
     folder = REAL_DATA_FOLDERS.get(exp.data.name)
     if folder is not None and not (SHARED_DATA / folder).is_dir():
         pytest.skip(f"../shared/data/{folder} not found: data.name={exp.data.name} needs the shared datasets")
@@ -117,17 +120,17 @@ def _one_round(overrides: list[str]) -> None:
     ("group", "option"),
     [pytest.param(g, o, marks=_data_mark(_group_overrides(g, o)), id=f"{g}={o}") for g, o in OPTIONS],
 )
-def test_group_option_composes_and_runs_a_round(group: str, option: str) -> None:
+def test_group_option_composes_and_runs_a_round(group: str, option: str, tmp_path: Path) -> None:
     overrides = _group_overrides(group, option)
     if group == "strategy" and option in ("krum", "multikrum", "bulyan", "fedtrimmedavg"):
         overrides.append("federation.num_clients=10")
     if group == "partition":  # label skew needs enough samples per class to fill 10 clients
         overrides.append("data.sequences_per_person=40")
-    _one_round(overrides)
+    _one_round(overrides, tmp_path)
 
 
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=_data_mark([f"+experiment={n}"])) for n in EXPERIMENTS]
 )
-def test_experiment_composes_and_runs_a_round(name: str) -> None:
-    _one_round([f"+experiment={name}", "data.sequences_per_person=40", *SMOKE_EXTRA.get(name, [])])
+def test_experiment_composes_and_runs_a_round(name: str, tmp_path: Path) -> None:
+    _one_round([f"+experiment={name}", "data.sequences_per_person=40", *SMOKE_EXTRA.get(name, [])], tmp_path)
