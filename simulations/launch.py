@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 #: :func:`~simulations.interrupt.exit_now` while one is alive, or the process would hang.
 ABANDONED: list[threading.Thread] = []
 
+#: Ray cluster addresses this process has announced attaching to (the prestart and the runtime
+#: both ask for the backend config; the user is told once).
+_ANNOUNCED: set[str] = set()
+
 #: The Flower app directory (holds pyproject.toml with [tool.flwr.app.config]).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +58,10 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """
     resources = {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0}
     init_args = ray_init_args()
-    if init_args["address"] != "local":
-        log.info("attaching the simulation to the Ray cluster at %s (RAY_ADDRESS)", init_args["address"])
+    address = init_args["address"]
+    if address != "local" and address not in _ANNOUNCED:
+        _ANNOUNCED.add(address)
+        log.info("attaching the simulation to the Ray cluster at %s (RAY_ADDRESS)", address)
     return {"client_resources": resources, "init_args": init_args}
 
 

@@ -3,6 +3,7 @@ one node per partition, and silent nodes counted as failed."""
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -205,7 +206,9 @@ def test_min_available_and_round_timeout_are_validated() -> None:
             ExperimentConfig.from_run_config(FLAT | {key: bad})
 
 
-def test_simulation_attaches_to_a_ray_cluster_only_with_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_simulation_attaches_to_a_ray_cluster_only_with_ray_address(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """ray.init refuses num_cpus for an existing cluster: with RAY_ADDRESS only the address goes."""
     from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
 
@@ -216,7 +219,12 @@ def test_simulation_attaches_to_a_ray_cluster_only_with_ray_address(monkeypatch:
     own = backend_config(cfg)["init_args"]
     assert "num_cpus" in own and own["address"] == "local"  # never a stray `ray start` cluster
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
-    local = backend_config(cfg)
+    with caplog.at_level(logging.INFO, logger="simulations.launch"):
+        local = backend_config(cfg)
+        assert backend_config(cfg) == local  # the prestart and the runtime both ask: one message
+    assert [r.getMessage() for r in caplog.records].count(
+        "attaching the simulation to the Ray cluster at 10.0.0.7:6379 (RAY_ADDRESS)"
+    ) == 1
     assert local["init_args"] == {
         "address": "10.0.0.7:6379",
         "include_dashboard": False,
