@@ -72,6 +72,8 @@ def find_noise(
         nonlocal calls
         calls += 1
         eps = seen[x] = epsilon(math.exp(x))
+        if math.isnan(eps):  # an accountant bug must not pass for "within the target"
+            raise ValueError(f"the accountant's epsilon at noise {math.exp(x):g} is NaN")
         return math.log(eps / target) if eps > 0 else -math.inf
 
     def done(x: float) -> NoiseSearch:

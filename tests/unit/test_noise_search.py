@@ -104,3 +104,8 @@ def test_an_epsilon_that_jumps_over_the_band_still_never_exceeds_the_target() ->
 def test_infinite_epsilon_at_small_noise_is_stepped_over() -> None:
     found = find_noise(lambda s: math.inf if s < 0.5 else 1.0 / s, 1.0, start=1e-3)
     assert _in_band(found.epsilon, 1.0)
+
+
+def test_a_nan_epsilon_is_an_error_not_an_answer() -> None:
+    with pytest.raises(ValueError, match="epsilon at noise .* is NaN"):
+        find_noise(lambda s: math.nan if s < 3.0 else 1.0 / s, 1.0, start=0.5)
