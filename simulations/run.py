@@ -32,7 +32,7 @@ from fedmer.config import ConfigError, ExperimentConfig
 from fedmer.results.layout import SUMMARY_JSON, run_dir
 from simulations.compose import CONFIG_DIR, compose_config, experiment_from_hydra
 from simulations.interrupt import EXIT_INTERRUPTED, exit_interrupted, exit_now, handle_ctrl_c, set_run_folder
-from simulations.ray_start import start_ray_early, stop_ray
+from simulations.ray_start import start_ray_early, wait_for_ray
 
 # Only light modules above (no torch, Opacus, Flower or Ray): a single run starts Ray in the
 # background first (simulations/ray_start.py); the functions below import the rest (seconds).
@@ -152,7 +152,7 @@ def cli(argv: list[str]) -> int:
     A single run on Ray starts Ray in the background as soon as its config composes, so that
     Ray's workers import the ClientApp while this process imports and validates; once the config
     is valid the actors are created (:func:`~simulations.ray_session.prestart`). A config that
-    turns out invalid stops that Ray again before the error is returned.
+    turns out invalid is reported, then Ray's processes are killed by PID as the run leaves.
     """
     sys.argv = ["fedmer run", *argv]
     handle_ctrl_c()  # also while Ray starts early, and where this process was started with Ctrl-C ignored
@@ -167,9 +167,11 @@ def cli(argv: list[str]) -> int:
     try:
         exp = None if composed is None else _experiment(composed)
         if isinstance(exp, ConfigError):
-            if early:
-                stop_ray()
-            return _config_error(exp)
+            code = _config_error(exp)
+            if early:  # the error is out; Ray's processes are killed by PID (an orderly stop took ~3 s)
+                wait_for_ray()
+                exit_now(code)
+            return code
         if exp is not None and exp.federation.runtime == "ray":
             _prestart_actors(exp)
     except KeyboardInterrupt:  # Ctrl-C before the run's own handler: Ray may be half started
