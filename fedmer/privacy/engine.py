@@ -8,11 +8,12 @@ so the epsilon a client reports is its cumulative spend over every round it join
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,7 +141,7 @@ def noise_for_target(
     accountant: str = "rdp",
     prior: Sequence[HistoryEntry] = (),
 ) -> float:
-    """Smallest noise multiplier whose epsilon after ``steps`` stays within the target.
+    """The noise multiplier whose epsilon after ``steps`` lies in (0.999 x target, target].
 
     ``prior`` are releases the same run makes before DP-SGD (e.g. the feature-statistics
     release): the noise is then chosen so that prior plus DP-SGD meet the target together.
@@ -169,7 +170,9 @@ def _search(
     prior: tuple[HistoryEntry, ...],
 ) -> float:
     base = PrivacyHistory().extended(prior)
-    if prior and compute_epsilon(base, delta, accountant) >= target_epsilon:
+    with _quiet_alpha_range():
+        spent_before = compute_epsilon(base, delta, accountant) if prior else 0.0
+    if spent_before >= target_epsilon:
         raise ValueError(
             f"the releases before training already spend epsilon >= {target_epsilon:g} "
             f"(delta {delta:g}): no DP-SGD noise can meet the target"
@@ -182,15 +185,21 @@ def _search(
 
 
 def _find(epsilon: Callable[[float], float], target: float, start: float) -> float:
-    with warnings.catch_warnings():
-        # The search probes noise levels where Opacus warns about its alpha range.
-        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+    with _quiet_alpha_range():
         found = find_noise(epsilon, target, start=start)
     log.debug(
         "noise %.6g: epsilon %.6g (target %g), %d evaluations",
         found.sigma, found.epsilon, target, found.evaluations,
     )  # fmt: skip
     return found.sigma
+
+
+@contextlib.contextmanager
+def _quiet_alpha_range() -> Iterator[None]:
+    """Searches probe noise levels where Opacus warns that its best order is at the alpha range's end."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        yield
 
 
 #: The search, cached per process (every round asks again) and on disk (every actor, job and
