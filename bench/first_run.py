@@ -50,7 +50,9 @@ def _one_run(root: Path, rounds: int) -> dict[str, Any]:
         last = json.loads((out / "rounds.jsonl").read_text().splitlines()[-1])
         noise = cache / "noise"
         stored = len(list(noise.iterdir())) if noise.is_dir() else 0
-        return {"s": seconds, "uar": last["uar"], "epsilon_max": last["epsilon_max"], "noise_answers": stored}
+        privacy = {k: last[k] for k in ("delta", "accountant", "privacy_unit")}
+        measured = {"s": seconds, "uar": last["uar"], "epsilon_max": last["epsilon_max"]}
+        return {**measured, **privacy, "noise_answers": stored}
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -78,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run = _one_run(roots[name], args.rounds)
                 runs[name].append(run)
                 print(
-                    f"{name:<16} {run['s']:6.1f} s  UAR {run['uar']:.4f}  epsilon {run['epsilon_max']:.4f}  "
+                    f"{name:<16} {run['s']:6.1f} s  UAR {run['uar']:.4f}  "
+                    f"max client epsilon {run['epsilon_max']:.4f} "
+                    f"(delta {run['delta']:g}, {run['accountant']}, per {run['privacy_unit']})  "
                     f"noise answers stored {run['noise_answers']}",
                     flush=True,
                 )

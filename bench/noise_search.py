@@ -82,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore")  # Opacus' alpha-range advice at extreme noise
     rows: list[dict[str, Any]] = []
     head = f"{'client':<18} {'eps':>3} {'rate':>6} {'steps':>5} {'opacus s':>8} {'evals':>5}"
+    print(f"epsilon: RDP accountant, delta {DELTA:g}, one sample (DP-SGD's unit)")
     print(head + f" {'fedmer s':>8} {'evals':>5} {'speed-up':>8} {'eps opacus':>10} {'eps fedmer':>10}")
     for client, n, batch, rounds in CLIENTS:
         for target in (8.0, 1.0):
