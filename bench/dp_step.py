@@ -48,14 +48,15 @@ from fedmer.privacy.engine import PrivacyHistory, make_private
 from fedmer.privacy.recipe import MOMENTUM
 from fedmer.privacy.run_noise import local_recipe
 from fedmer.training.local import DPSGD, train_local
-from fedmer.training.loops import SampleLosses, batch_losses, make_loader
+from fedmer.training.loops import SampleLosses, batch_losses, make_loader, reduce_losses
 from simulations.compose import compose_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
 NON_PRIVATE = "non-private"
 #: Opacus' modes, in the order of the table ("ghost*": ghost with the embedding index made contiguous;
+#: "ew-mean": ew with Opacus' mean reduction and optimizer, FedMER's set-up before session 13;
 #: "ew-group": ew with torch's grouped-convolution per-sample gradient for every ``Conv1d``).
-MODES = ("hooks", "ew", "ew-group", "functorch", "ghost", "ghost*")
+MODES = ("hooks", "ew", "ew-mean", "ew-group", "functorch", "ghost", "ghost*")
 THREADS = 1  # what node_of sets: one Ray CPU per simulated client
 
 
@@ -70,12 +71,13 @@ class Stepper:
 def _timed_step(
     module: torch.nn.Module, opt: torch.optim.Optimizer
 ) -> Callable[[Sequence[torch.Tensor]], tuple[float, float, float]]:
-    """One step of ``opt`` on ``module``'s mean per-sample loss, timed (forward, backward, optimizer)."""
+    """One step of ``opt`` on ``module``'s per-sample losses, reduced as FedMER trains (mean, or the
+    sum a DP wrapper asks for: ``reduce_losses``), timed (forward, backward, optimizer)."""
 
     def step(batch: Sequence[torch.Tensor]) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = batch_losses(module, batch).mean()
+        loss = reduce_losses(module, batch_losses(module, batch))
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -106,6 +108,22 @@ def _private(cfg: ExperimentConfig, data: MultimodalDataset, mode: str, noise: f
     wrapped, dp_opt = setup.module, setup.optimizer
 
     return Stepper(mode, _timed_step(wrapped, dp_opt))
+
+
+def _ew_mean(cfg: ExperimentConfig, data: MultimodalDataset, noise: float) -> Stepper:
+    """``ew`` as FedMER set it up before session 13: Opacus' own ``loss_reduction="mean"`` path
+    (every per-sample gradient scaled by the batch size, Opacus' ``DPOptimizer`` dividing back),
+    for the side-by-side with FedMER's summed loss (:mod:`fedmer.privacy.dp_optimizer`)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg, data).train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.federation.lr, momentum=MOMENTUM)
+    loader = make_loader(data, cfg.federation.batch_size, cfg.seed)
+    wrapped, dp_opt, _loader = PrivacyEngine().make_private(
+        module=SampleLosses(model), optimizer=opt, data_loader=loader,
+        noise_multiplier=noise, max_grad_norm=cfg.privacy.max_grad_norm, poisson_sampling=True,
+        grad_sample_mode="ew", loss_reduction="mean",
+    )  # fmt: skip
+    return Stepper("ew-mean", _timed_step(wrapped, dp_opt))
 
 
 def _ew_group(cfg: ExperimentConfig, data: MultimodalDataset, noise: float) -> Stepper:
@@ -188,6 +206,8 @@ def time_steps(
                 if mode.startswith("ghost")
                 else _ew_group(cfg, data, noise)
                 if mode == "ew-group"
+                else _ew_mean(cfg, data, noise)
+                if mode == "ew-mean"
                 else _private(cfg, data, mode, noise)
             )
             stepper.step(batches[0])  # fails here, if it fails

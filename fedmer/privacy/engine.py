@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmer.config import GRAD_SAMPLE_MODES
+from fedmer.privacy.dp_optimizer import LOSS_REDUCTION, SummedLossDPOptimizer
 from fedmer.privacy.noise_cache import cached_on_disk
 from fedmer.privacy.noise_search import REL_TOL, find_noise, first_guess
 
@@ -252,6 +253,11 @@ def make_private(
     the wrapped module's forward, so the loss must be computed through it (``train_local``
     wraps ``SampleLosses``, and passes the configured mode). The default is hooks, which also
     serves a caller that wraps a bare network and computes its loss outside the wrapper.
+
+    The wrapper is built for a loss *summed* over the batch (its ``loss_reduction``, which
+    :func:`fedmer.training.loops.reduce_losses` follows) and the optimizer averages once
+    (:class:`~fedmer.privacy.dp_optimizer.SummedLossDPOptimizer`): Opacus' ``mean`` step,
+    without scaling every per-sample gradient by the batch size and back.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         valid = ", ".join(GRAD_SAMPLE_MODES)
@@ -266,5 +272,7 @@ def make_private(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
+        loss_reduction=LOSS_REDUCTION,
     )
-    return DPSetup(module, dp_optimizer, dp_loader, engine, noise_multiplier)
+    optimizer = SummedLossDPOptimizer.replacing(dp_optimizer)
+    return DPSetup(module, optimizer, dp_loader, engine, noise_multiplier)

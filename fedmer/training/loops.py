@@ -33,6 +33,7 @@ __all__ = [
     "intensity_labels",
     "make_loader",
     "predict",
+    "reduce_losses",
     "seed_everything",
     "train_epochs",
 ]
@@ -139,8 +140,8 @@ def train_epochs(
 ) -> TrainResult:
     """Run ``epochs`` passes; raise FloatingPointError on a non-finite loss rather than send garbage.
 
-    The loss of a batch is the mean of its per-sample losses (:func:`batch_losses`), the
-    reduction Opacus' per-sample clipping assumes (``loss_reduction="mean"``).
+    The loss of a batch reduces its per-sample losses (:func:`batch_losses`) as the model
+    asks (:func:`reduce_losses`): their mean, or under DP-SGD their sum.
     """
     model.train()
     total, seen, steps = 0.0, 0, 0
@@ -151,7 +152,7 @@ def train_epochs(
             losses = batch_losses(model, batch)
             # An empty Poisson batch still takes a (pure-noise) step: skipping it would
             # reveal that the batch was empty.
-            loss = losses.mean() if len(losses) else losses.sum() * 0.0
+            loss = reduce_losses(model, losses)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss.detach())} at step {steps}")
             loss.backward()
@@ -161,9 +162,19 @@ def train_epochs(
                 with torch.no_grad():
                     for name, p in named.items():
                         p.sub_(lr * proximal_mu * (p - global_params[name]))
-            total += float(loss.detach()) * len(losses)
+            total += float(losses.detach().sum())
             seen += len(losses)
     return TrainResult(loss=total / seen if seen else math.nan, steps=steps, examples=seen)
+
+
+def reduce_losses(model: nn.Module, losses: torch.Tensor) -> torch.Tensor:
+    """The batch loss to backpropagate: the mean of ``losses``, or their sum for an Opacus wrapper
+    built with ``loss_reduction="sum"`` (FedMER's DP-SGD: its optimizer averages, see
+    :mod:`fedmer.privacy.dp_optimizer`). Either way the step averages over the batch; an empty
+    batch gives a zero loss that still reaches every parameter."""
+    if not len(losses):
+        return losses.sum() * 0.0
+    return losses.sum() if getattr(model, "loss_reduction", "mean") == "sum" else losses.mean()
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
