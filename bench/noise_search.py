@@ -29,7 +29,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from fedmer.privacy import engine
 from fedmer.privacy.engine import PrivacyHistory, compute_epsilon, planned_steps
 from fedmer.privacy.noise_search import find_noise, first_guess
-from fedmer.privacy.recipe import _candidates
+from fedmer.privacy.recipe import recipe_grid
 
 RESULTS = Path(__file__).resolve().parent / "results" / "noise_search.json"
 DELTA = 1e-5
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(head + f" {'fedmer s':>8} {'evals':>5} {'speed-up':>8} {'eps opacus':>10} {'eps fedmer':>10}")
     for client, n, batch, rounds in CLIENTS:
         for target in (8.0, 1.0):
-            for b, epochs in _candidates(n, batch):
+            for b, epochs in recipe_grid(n, batch):
                 rate, steps = planned_steps(n, b, epochs, rounds)
                 times: dict[str, list[float]] = {"opacus": [], "fedmer": []}
                 for _ in range(args.repeats):

@@ -313,7 +313,7 @@ def flower_costs(counts: list[int], in_flight: int) -> list[dict[str, Any]]:
     from flwr.superlink.federation import NoOpFederationManager
     from flwr.superlink.grid import InMemoryGrid
 
-    from simulations.flower_patches import POLL_INTERVAL_S, flower_patches, poll_once
+    from simulations.flower_patches import FLOWER_POLL_INTERVAL_S, POLL_INTERVAL_S, flower_patches, poll_once
 
     rows = []
     me = psutil.Process()
@@ -360,7 +360,7 @@ def flower_costs(counts: list[int], in_flight: int) -> list[dict[str, Any]]:
                 "rss_nodes_and_contexts_mib": round(rss_nodes / 1024**2, 1),
                 "poll_sweep_s": round(flower, 5),
                 "poll_sweep_patched_s": round(patched, 6),
-                "poll_busy_fraction": round(flower / (flower + POLL_INTERVAL_S), 3),
+                "poll_busy_fraction": round(flower / (flower + FLOWER_POLL_INTERVAL_S), 3),
                 "poll_busy_fraction_patched": round(patched / (patched + POLL_INTERVAL_S), 4),
             }
         )

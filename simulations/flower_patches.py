@@ -15,6 +15,9 @@ Measured with ``python -m bench.scale --flower-costs`` (figures in docs/performa
   file and the overrides are the same for every node of a run, so :func:`_fused_config` reads
   them once and gives each node its own copy.
 
+The poller also sweeps every :data:`POLL_INTERVAL_S` (0.01 s) instead of Flower's 0.1 s; the
+server's grid pulls replies at the same pace (``fedmer.federation.grid.PULL_INTERVAL_S``).
+
 Both replace module attributes of flwr for the duration of :func:`flower_patches` only, and the
 poller only for Flower's in-memory LinkState (any other state keeps Flower's own loop); the
 flwr pin below 1.43 guards the internals they rely on. What remains per node is Flower's own
@@ -37,10 +40,14 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import InMemoryLinkState, LinkState
 from flwr.supercore.date import now
 
-__all__ = ["POLL_INTERVAL_S", "flower_patches", "poll_once"]
+__all__ = ["FLOWER_POLL_INTERVAL_S", "POLL_INTERVAL_S", "flower_patches", "poll_once"]
 
-#: Flower's own polling interval (``f_stop.wait(0.1)`` in ``add_messages_to_queue``).
-POLL_INTERVAL_S = 0.1
+#: Seconds between sweeps. Flower's loop waits 0.1 s (``f_stop.wait(0.1)``), so a round's messages
+#: waited 50 ms on average before any actor saw them; a sweep is one pass over the few messages
+#: in flight, so sweeping every 10 ms costs the driver little (docs/performance.md).
+POLL_INTERVAL_S = 0.01
+#: Flower's own interval, for comparisons (``bench.scale --flower-costs``).
+FLOWER_POLL_INTERVAL_S = 0.1
 
 _FLOWER_POLL = vce_api.add_messages_to_queue
 _FLOWER_FUSED = run_info_store.get_fused_config_from_dir

@@ -45,6 +45,7 @@ __all__ = [
     "LocalRecipe",
     "choose_recipe",
     "noise_lr_scale",
+    "recipe_grid",
 ]
 
 #: Smallest expected Poisson batch the auto recipe samples.
@@ -98,8 +99,10 @@ class LocalRecipe:
         return asdict(self)
 
 
-def _candidates(n: int, configured_batch: int) -> list[tuple[int, int]]:
-    """``(batch, epochs)`` pairs: full batch, halving down to MIN_BATCH (or the configured batch)."""
+def recipe_grid(n: int, configured_batch: int) -> list[tuple[int, int]]:
+    """The ``(batch, epochs)`` pairs the auto recipe tries for ``n`` samples: full batch, halving
+    down to MIN_BATCH (or the configured batch), each with 1 and 2 epochs. Public so that
+    ``bench.noise_search`` times exactly the searches the recipe makes."""
     batches, b = [], n
     floor = max(1, min(MIN_BATCH, configured_batch, n))
     while b >= floor:
@@ -126,7 +129,7 @@ def choose_recipe(
         raise ValueError(f"invalid client size n={n}: a client needs at least one sample")
     # (steps, batch, epochs, rate, sigma, noise per step), most steps first
     options: list[tuple[int, int, int, float, float, float]] = []
-    by_steps = sorted(_candidates(n, batch_size), key=lambda c: -planned_steps(n, c[0], c[1], 1)[1])
+    by_steps = sorted(recipe_grid(n, batch_size), key=lambda c: -planned_steps(n, c[0], c[1], 1)[1])
     for batch, epochs in by_steps:
         rate, steps = planned_steps(n, batch, epochs, num_rounds)
         if options and options[-1][5] <= NOISE_PER_STEP_MAX and steps < options[-1][0]:

@@ -17,7 +17,7 @@ from fedmer.data.registry import load_client_dataset
 from fedmer.models import build_model
 from fedmer.privacy.engine import PrivacyHistory, compute_epsilon, planned_steps
 from fedmer.privacy.ledger import read_ledger
-from fedmer.privacy.recipe import NOISE_PER_STEP_MAX, _candidates, choose_recipe
+from fedmer.privacy.recipe import NOISE_PER_STEP_MAX, choose_recipe, recipe_grid
 from fedmer.privacy.run_noise import dp_sgd_noise, local_recipe
 
 
@@ -81,7 +81,7 @@ def test_the_choice_meets_the_target_and_is_the_best_that_fits(n: int, rounds: i
     assert r.noise_per_step == pytest.approx(r.noise_multiplier / (r.sample_rate * n))  # type: ignore[attr-defined]
     if r.noise_per_step <= NOISE_PER_STEP_MAX:  # type: ignore[attr-defined]
         # nothing that fits takes more steps
-        more = [(b, e) for b, e in _candidates(n, 128) if planned_steps(n, b, e, rounds)[1] > steps]
+        more = [(b, e) for b, e in recipe_grid(n, 128) if planned_steps(n, b, e, rounds)[1] > steps]
         for b, e in more[:1]:
             assert _choose_noise(n, b, e, rounds, eps) > NOISE_PER_STEP_MAX
 

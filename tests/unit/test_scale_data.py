@@ -10,9 +10,12 @@ structure that removes those costs, without timing anything.
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -43,6 +46,7 @@ from fedmer.federation.resume import capture_rng, restore_rng
 from fedmer.federation.sampling import SAMPLER, own_sampler
 from fedmer.models import build_model_for
 from simulations.flower_patches import flower_patches, poll_once
+from tests.conftest import NodeListGrid
 
 TINY = DataConfig(persons_per_site=2, test_persons_per_site=1, sequences_per_person=10, seq_len=6)
 FIELDS = ("x", "mask", "y", "person", "site", "intensity")
@@ -301,3 +305,63 @@ def test_a_checkpoint_carries_the_samplers_state() -> None:
         old = {k: v for k, v in saved.items() if k != "sampler"}  # written before the sampler existed
         restore_rng(old)
         assert SAMPLER.getstate() == random.getstate()
+
+
+# -- replies are pulled at FedMER's pace, not Flower's fixed sleep ---------------------------
+
+
+def _answer_later(state: object, nodes: list[int], delay: float) -> threading.Thread:
+    """A thread that, after ``delay`` s, delivers each node's message and stores its reply as the
+    simulation runtime's worker does (``vce_api.worker``: a reply with a fresh message id)."""
+
+    def answer() -> None:
+        time.sleep(delay)
+        for node in nodes:
+            for msg in state.get_message_ins(node_id=node, limit=1):  # type: ignore[attr-defined]
+                reply = Message(RecordDict(), reply_to=msg)
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                state.store_message_res(reply)  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    return thread
+
+
+def test_send_and_receive_pulls_every_reply_at_the_in_memory_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inner, mapping = _simulated_grid(4)
+    nodes = list(mapping)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, inner.run.run_id, SUPERLINK_NODE_ID
+    grid = PartitionOrderedGrid(inner, expected=4)
+    assert grid.pull_interval == grid_module.PULL_INTERVAL_S["in-memory"] < inner.pull_interval
+    pulls: list[int] = []
+    pull = inner.pull_messages
+    monkeypatch.setattr(inner, "pull_messages", lambda ids: pulls.append(len(ids)) or pull(ids))
+    sent = [Message(RecordDict(), node, "train") for node in nodes]
+    answering = _answer_later(inner.state, nodes, 0.3)
+    replies = list(grid.send_and_receive(sent, timeout=30))
+    answering.join()
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(
+        m.metadata.message_id for m in sent
+    )
+    # pulled while waiting far more often than Flower's 0.1 s would (3 pulls in 0.3 s), then stopped
+    assert len(pulls) > 6 and pulls[-1] > 0
+
+
+def test_send_and_receive_returns_what_arrived_when_the_timeout_passes() -> None:
+    inner, mapping = _simulated_grid(3)
+    nodes = list(mapping)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, inner.run.run_id, SUPERLINK_NODE_ID
+    grid = PartitionOrderedGrid(inner, expected=3)
+    answering = _answer_later(inner.state, nodes[:1], 0.1)  # one node answers, two never do
+    t0 = time.monotonic()
+    replies = list(grid.send_and_receive([Message(RecordDict(), n, "train") for n in nodes], timeout=0.5))
+    answering.join()
+    assert len(replies) == 1 and replies[0].metadata.src_node_id == nodes[0]
+    assert 0.5 <= time.monotonic() - t0 < 5.0
+
+
+def test_a_grid_other_than_the_simulations_pulls_at_the_remote_interval() -> None:
+    assert PartitionOrderedGrid(NodeListGrid([1, 2])).pull_interval == grid_module.PULL_INTERVAL_S["remote"]
+    assert grid_module.PULL_INTERVAL_S["remote"] < 3.0  # Flower's HttpGrid sleeps 3 s between pulls
