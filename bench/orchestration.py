@@ -54,15 +54,15 @@ def _ideal(overrides: list[str], out: Path) -> dict[str, Any]:
     cfg = compose_experiment(overrides, output_dir=out)
     grid = SequentialGrid(client_app, cfg.federation.num_clients, cfg.to_run_config())
     starts: list[tuple[float, int]] = []  # (time, index into grid.calls) at each train batch
-    inner = grid.send_and_receive
+    inner = grid.push_messages  # the server's grid pushes, then pulls (PartitionOrderedGrid)
 
-    def stamped(messages, *, timeout=None):  # type: ignore[no-untyped-def]
+    def stamped(messages):  # type: ignore[no-untyped-def]
         messages = list(messages)
         if messages and messages[0].metadata.message_type.startswith("train"):
             starts.append((time.perf_counter(), len(grid.calls)))
-        return inner(messages, timeout=timeout)
+        return inner(messages)
 
-    grid.send_and_receive = stamped  # type: ignore[method-assign]
+    grid.push_messages = stamped  # type: ignore[method-assign]
     t0 = time.perf_counter()
     summary = run_server(grid, cfg)
     t_end = time.perf_counter()
