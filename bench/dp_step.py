@@ -48,7 +48,7 @@ from fedmer.privacy.engine import PrivacyHistory, make_private
 from fedmer.privacy.recipe import MOMENTUM
 from fedmer.privacy.run_noise import local_recipe
 from fedmer.training.local import DPSGD, train_local
-from fedmer.training.loops import SampleLosses, batch_losses, make_loader, reduce_losses
+from fedmer.training.loops import SampleLosses, backpropagate, batch_losses, make_loader, reduce_losses
 from simulations.compose import compose_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
@@ -56,7 +56,7 @@ NON_PRIVATE = "non-private"
 #: Opacus' modes, in the order of the table ("ghost*": ghost with the embedding index made contiguous;
 #: "ew-mean": ew with Opacus' mean reduction and optimizer, FedMER's set-up before session 13;
 #: "ew-group": ew with torch's grouped-convolution per-sample gradient for every ``Conv1d``).
-MODES = ("hooks", "ew", "ew-mean", "ew-group", "functorch", "ghost", "ghost*")
+MODES = ("bk", "hooks", "ew", "ew-mean", "ew-group", "functorch", "ghost", "ghost*")
 THREADS = 1  # what node_of sets: one Ray CPU per simulated client
 
 
@@ -79,7 +79,7 @@ def _timed_step(
         opt.zero_grad(set_to_none=True)
         loss = reduce_losses(module, batch_losses(module, batch))
         t1 = time.perf_counter()
-        loss.backward()
+        backpropagate(module, loss)  # loss.backward(), or book-keeping's own
         t2 = time.perf_counter()
         opt.step()
         return t1 - t0, t2 - t1, time.perf_counter() - t2

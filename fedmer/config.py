@@ -62,10 +62,12 @@ ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 RECIPES: tuple[str, ...] = ("manual", "auto")
 #: ``model.prior``: the model's starting weights as drawn, or from public knowledge (fedmer.models.prior).
 MODEL_PRIORS: tuple[str, ...] = ("none", "face_expressions")
-#: ``privacy.grad_sample_mode``: how Opacus computes per-sample gradients, the ones that train
-#: every model family here to the same update (tests/unit/test_grad_sample_mode.py). Not "ghost":
-#: it needs Opacus' own criterion wrapper and was measured slower (docs/performance.md).
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch")
+#: ``privacy.grad_sample_mode``: how DP-SGD gets each sample's clipped gradient: "bk" (FedMER's
+#: book-keeping: per-sample norms from layer inputs and output gradients, fedmer.privacy.bookkeeping)
+#: or one of Opacus' per-sample-gradient modes; all train every model family here to the same
+#: update (tests/unit/test_grad_sample_mode.py). Not "ghost": it needs Opacus' own criterion
+#: wrapper and was measured slower (docs/performance.md).
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("bk", "hooks", "ew", "functorch")
 #: ``privacy.reply_metrics``: what a training reply carries besides the clipped arrays (README,
 #: "What leaves a node"). minimal: the privacy statement only, no exact statistic of the node's
 #: data; monitoring: also sample count, loss and pre-clipping norm (declared, not accounted);

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmer.config import GRAD_SAMPLE_MODES
+from fedmer.privacy.bookkeeping import BOOKKEEPING_MODE, BookkeepingDPOptimizer, BookkeepingModule
 from fedmer.privacy.dp_optimizer import LOSS_REDUCTION, SummedLossDPOptimizer
 from fedmer.privacy.noise_cache import cached_on_disk
 from fedmer.privacy.noise_search import REL_TOL, find_noise, first_guess
@@ -248,11 +249,14 @@ def make_private(
 ) -> DPSetup:
     """Wrap model, optimizer and loader for DP-SGD with Poisson sampling, resuming ``history``.
 
-    ``grad_sample_mode`` picks how Opacus computes per-sample gradients (one of
-    ``GRAD_SAMPLE_MODES``); expanded weights ("ew") and functorch see only what runs inside
-    the wrapped module's forward, so the loss must be computed through it (``train_local``
-    wraps ``SampleLosses``, and passes the configured mode). The default is hooks, which also
-    serves a caller that wraps a bare network and computes its loss outside the wrapper.
+    ``grad_sample_mode`` picks how each sample's clipped gradient is computed (one of
+    ``GRAD_SAMPLE_MODES``): "bk", FedMER's book-keeping (:mod:`fedmer.privacy.bookkeeping`,
+    whose wrapper must be trained with :func:`fedmer.training.loops.backpropagate`), or one of
+    Opacus' per-sample-gradient modes. Book-keeping, expanded weights ("ew") and functorch see
+    only what runs inside the wrapped module's forward, so the loss must be computed through
+    it (``train_local`` wraps ``SampleLosses``, and passes the configured mode). The default is
+    hooks, which also serves a caller that wraps a bare network and computes its loss outside
+    the wrapper.
 
     The wrapper is built for a loss *summed* over the batch (its ``loss_reduction``, which
     :func:`fedmer.training.loops.reduce_losses` follows) and the optimizer averages once
@@ -262,6 +266,7 @@ def make_private(
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         valid = ", ".join(GRAD_SAMPLE_MODES)
         raise ValueError(f"invalid grad_sample_mode={grad_sample_mode!r}: expected one of {valid}")
+    bookkeeping = grad_sample_mode == BOOKKEEPING_MODE
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = [tuple(e) for e in history.entries]
     module, dp_optimizer, dp_loader = engine.make_private(
@@ -271,8 +276,12 @@ def make_private(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode="no_op" if bookkeeping else grad_sample_mode,  # book-keeping: no Opacus hooks
         loss_reduction=LOSS_REDUCTION,
     )
-    optimizer = SummedLossDPOptimizer.replacing(dp_optimizer)
-    return DPSetup(module, optimizer, dp_loader, engine, noise_multiplier)
+    if bookkeeping:
+        module = BookkeepingModule(model)
+        private: SummedLossDPOptimizer = BookkeepingDPOptimizer.for_module(dp_optimizer, module)
+    else:
+        private = SummedLossDPOptimizer.replacing(dp_optimizer)
+    return DPSetup(module, private, dp_loader, engine, noise_multiplier)

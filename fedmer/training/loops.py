@@ -23,11 +23,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmer.data.base import MultimodalDataset
 from fedmer.models.multimodal import MultimodalEmotionNet
+from fedmer.privacy.bookkeeping import BookkeepingModule
 from fedmer.training.metrics import classification_report
 
 __all__ = [
     "SampleLosses",
     "TrainResult",
+    "backpropagate",
     "batch_losses",
     "evaluate_model",
     "intensity_labels",
@@ -155,7 +157,7 @@ def train_epochs(
             loss = reduce_losses(model, losses)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss.detach())} at step {steps}")
-            loss.backward()
+            backpropagate(model, loss)
             optimizer.step()
             steps += 1
             if proximal_mu > 0 and global_params is not None:
@@ -165,6 +167,15 @@ def train_epochs(
             total += float(losses.detach().sum())
             seen += len(losses)
     return TrainResult(loss=total / seen if seen else math.nan, steps=steps, examples=seen)
+
+
+def backpropagate(model: nn.Module, loss: torch.Tensor) -> None:
+    """``loss.backward()``, or for book-keeping DP-SGD its own backward: the gradients wrt the
+    recorded layer outputs only, from which its optimizer clips (:mod:`fedmer.privacy.bookkeeping`)."""
+    if isinstance(model, BookkeepingModule):
+        model.backward(loss)
+    else:
+        loss.backward()
 
 
 def reduce_losses(model: nn.Module, losses: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,8 @@ from fedmer.training.local import DPSGD, train_local
 from fedmer.training.loops import SampleLosses, batch_losses, make_loader
 
 FAST_MODES = [m for m in GRAD_SAMPLE_MODES if m != "hooks"]
+#: The modes every model family and layout is checked with (functorch: the default model only, slow).
+LAYOUT_MODES = ["bk", "ew"]
 #: The model families (configs/model/) and modality dropout: every layer type the models use.
 FAMILIES: dict[str, dict[str, object]] = {
     "attention": {},
@@ -83,7 +85,10 @@ def _assert_same_update(
     got, loss, history = _train(cfg, data, mode, noise=noise, batch=batch)
     assert set(got) == set(ref)  # trained in place: the network's own keys, no wrapper prefix
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=f"{mode}: {key}")
+        # Float rounding grows with the tensor's scale (batch 1, noise 1 drives weights to ~100):
+        # the absolute tolerance is 1e-5, or a millionth of the tensor's largest entry.
+        atol = max(1e-5, 1e-6 * float(ref[key].abs().max()))
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=atol, msg=f"{mode}: {key}")
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     # (a) the accounting: the same entry appended to the same resumed history, the same epsilon
     assert history == ref_history and history.entries[0] == (1.3, 0.5, 4)
@@ -105,16 +110,16 @@ def test_empty_poisson_batches_take_hooks_pure_noise_step(data: MultimodalDatase
     _assert_same_update(mode, ExperimentConfig(), data, 1.0, batch=1)
 
 
+@pytest.mark.parametrize("mode", LAYOUT_MODES)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_model_family_takes_hooks_update_with_expanded_weights(
-    data: MultimodalDataset, family: str
-) -> None:
+def test_every_model_family_takes_hooks_update(data: MultimodalDataset, family: str, mode: str) -> None:
     model = ModelConfig(**{"hidden": 16, **FAMILIES[family]})  # type: ignore[arg-type]
-    _assert_same_update("ew", replace(ExperimentConfig(), model=model), data, 1.0, batch=16)
+    _assert_same_update(mode, replace(ExperimentConfig(), model=model), data, 1.0, batch=16)
 
 
+@pytest.mark.parametrize("mode", LAYOUT_MODES)
 @pytest.mark.parametrize("encoder", ["tcn", "gru", "crnn"])
-def test_a_one_feature_modality_takes_hooks_update_with_expanded_weights(encoder: str) -> None:
+def test_a_one_feature_modality_takes_hooks_update(encoder: str, mode: str) -> None:
     """Stress-Predict's layout: a one-channel convolution hands GroupNorm a channels-last tensor."""
     g = torch.Generator().manual_seed(0)
     n = 48
@@ -125,13 +130,12 @@ def test_a_one_feature_modality_takes_hooks_update_with_expanded_weights(encoder
         feature_slices=((0, 1), (1, 4)), class_names=("a", "b"),
     )  # fmt: skip
     cfg = replace(ExperimentConfig(), model=ModelConfig(encoder=encoder, hidden=8))
-    _assert_same_update("ew", cfg, data, 1.0, batch=16)
+    _assert_same_update(mode, cfg, data, 1.0, batch=16)
 
 
+@pytest.mark.parametrize("mode", LAYOUT_MODES)
 @pytest.mark.parametrize("modalities", [("text",), ("speech", "text")])
-def test_token_text_below_32_a_batch_takes_hooks_update_with_expanded_weights(
-    modalities: tuple[str, ...],
-) -> None:
+def test_token_text_below_32_a_batch_takes_hooks_update(modalities: tuple[str, ...], mode: str) -> None:
     """MELD's layout under the auto recipe's small batches: torch's expanded-weights Conv1d takes
     its grouped path below 32 samples, which needs the (transposed) gradient contiguous."""
     g = torch.Generator().manual_seed(0)
@@ -147,7 +151,7 @@ def test_token_text_below_32_a_batch_takes_hooks_update_with_expanded_weights(
         feature_slices=slices, class_names=("a", "b", "c"),
     )  # fmt: skip
     cfg = replace(ExperimentConfig(), model=ModelConfig(hidden=8))
-    _assert_same_update("ew", cfg, data, 1.0, batch=16)
+    _assert_same_update(mode, cfg, data, 1.0, batch=16)
 
 
 def test_an_empty_batch_sets_empty_grad_samples_and_no_forward(data: MultimodalDataset) -> None:

@@ -1,0 +1,230 @@
+"""Per-sample gradient norms and clipped sums of one layer, from its inputs and output gradients.
+
+Book-keeping DP-SGD (:mod:`fedmer.privacy.bookkeeping`) never stores a per-sample gradient
+when it does not have to. For a linear map ``y_t = W a_t`` over ``T`` positions (a sequence,
+a convolution's output positions) sample ``n``'s weight gradient is ``G_n = g_n^T a_n``, and
+
+* its squared norm is ``<a_n a_n^T, g_n g_n^T>``, two ``T x T`` Gram matrices (the "ghost
+  norm" of Li et al. 2022 and Bu et al. 2023), cheaper than ``G_n`` when ``T`` is short next to
+  the layer's width;
+* the clipped sum ``sum_n c_n G_n`` is one ordinary weight gradient of the rescaled output
+  gradient ``c_n g_n``: the same matrix product (or convolution backward) a non-private step runs.
+
+Each rule picks, per layer, whichever of the Gram route and the materialised ``G_n`` costs
+fewer multiply-adds. Normalisation layers and embeddings use their exact per-sample formulas;
+any other layer Opacus has a grad sampler for (``GradSampleModule.GRAD_SAMPLERS``) falls back to
+that sampler's materialised per-sample gradients. Every rule returns the same two things, so
+the clipping in :mod:`fedmer.privacy.bookkeeping` is one loop; ``tests/unit/test_bookkeeping.py``
+pins each rule against per-sample gradients computed one sample at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule
+from torch import Tensor, nn
+
+__all__ = ["Call", "LayerClip", "layer_clip", "supports"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One forward call of a layer: its (detached) inputs and the summed loss' gradient wrt its output."""
+
+    inputs: tuple[Tensor, ...]
+    grad_output: Tensor
+
+
+@dataclass(frozen=True)
+class LayerClip:
+    """A layer's share of a step: per-sample squared gradient norms ``(N,)`` over ``params``, and
+    ``clipped(c)``: the gradients ``sum_n c_n grad_n`` of those parameters, in their order."""
+
+    params: tuple[nn.Parameter, ...]
+    sq_norms: Tensor
+    clipped: Callable[[Tensor], list[Tensor]]
+
+
+Rule = Callable[[nn.Module, Sequence[Call], frozenset[int]], LayerClip]
+
+
+def _wanted(module: nn.Module, trained: frozenset[int]) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in trained]
+
+
+def _linear_product(a: Tensor, g: Tensor, want_bias: bool) -> tuple[Tensor, Callable[[Tensor], Tensor], Tensor | None]:
+    """For ``G_n = g_n^T a_n`` (``a``: ``(N, T, d_in)``, ``g``: ``(N, T, d_out)``): squared norms,
+    the clipped-sum function, and the bias' per-sample gradients ``sum_t g_n`` (if asked)."""
+    n, t, d_in = a.shape
+    d_out = g.shape[2]
+    if t == 1:
+        sq = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+        clip = lambda c: (g * c[:, None, None]).reshape(-1, d_out).T @ a.reshape(-1, d_in)  # noqa: E731
+    elif t * (d_in + d_out) < d_in * d_out:  # Gram matrices are cheaper than G_n
+        sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        clip = lambda c: (g * c[:, None, None]).reshape(-1, d_out).T @ a.reshape(-1, d_in)  # noqa: E731
+    else:
+        per_sample = torch.bmm(g.transpose(1, 2), a).reshape(n, -1)
+        sq = per_sample.pow(2).sum(1)
+        clip = lambda c: (c @ per_sample).view(d_out, d_in)  # noqa: E731
+    return sq, clip, (g.sum(1) if want_bias else None)
+
+
+def _assemble(
+    module: nn.Module, wanted: list[tuple[str, nn.Parameter]], parts: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]]
+) -> LayerClip:
+    """A :class:`LayerClip` from per-parameter (squared norms, clipped-sum function) pairs."""
+    params = tuple(p for name, p in wanted)
+    sq = sum((parts[name][0] for name, _ in wanted), start=torch.zeros(()))
+    fns = [parts[name][1] for name, _ in wanted]
+    return LayerClip(params, sq, lambda c: [f(c).view_as(p) for f, p in zip(fns, params, strict=True)])
+
+
+def _bias_part(gb: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    return gb.pow(2).sum(1), lambda c: c @ gb
+
+
+def _linear(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+    """``nn.Linear`` over any leading dims; several calls (an RNN cell's steps) are one longer ``T``."""
+    assert isinstance(module, nn.Linear)
+    wanted = _wanted(module, trained)
+    n = calls[0].grad_output.shape[0]
+    a = torch.cat([c.inputs[0].reshape(n, -1, module.in_features) for c in calls], 1)
+    g = torch.cat([c.grad_output.reshape(n, -1, module.out_features) for c in calls], 1)
+    names = {name for name, _ in wanted}
+    sq, clip, gb = _linear_product(a, g, "bias" in names)
+    parts = {"weight": (sq, clip)}
+    if gb is not None:
+        parts["bias"] = _bias_part(gb)
+    return _assemble(module, wanted, parts)
+
+
+def _conv1d(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+    """``nn.Conv1d`` (one call, ``groups=1``, zero padding): Gram matrices of the padded input,
+    summed along each kernel tap's diagonal, or the unfolded per-sample gradient if cheaper."""
+    assert isinstance(module, nn.Conv1d)
+    wanted = _wanted(module, trained)
+    (x,), g = calls[0].inputs, calls[0].grad_output
+    (k,), (d,), (s,) = module.kernel_size, module.dilation, module.stride
+    pad = int(module.padding[0])  # type: ignore[index]
+    n, c_in, _ = x.shape
+    c_out, length = g.shape[1], g.shape[2]
+    xp = F.pad(x, (pad, pad)) if pad else x
+    parts: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]] = {}
+    if "weight" in {name for name, _ in wanted}:
+        span = (length - 1) * s + 1
+        if length * length * c_out + xp.shape[2] ** 2 * c_in < c_out * c_in * k * length:
+            gram_x = torch.bmm(xp.transpose(1, 2), xp)
+            gram_u = sum(gram_x[:, j * d : j * d + span : s, j * d : j * d + span : s] for j in range(k))
+            sq = (gram_u * torch.bmm(g.transpose(1, 2), g)).sum((1, 2))
+            weight_shape, kwargs = module.weight.shape, {"stride": s, "padding": pad, "dilation": d}
+
+            def clip(c: Tensor) -> Tensor:
+                return torch.nn.grad.conv1d_weight(x, weight_shape, g * c[:, None, None], **kwargs)
+
+            parts["weight"] = (sq, clip)
+        else:
+            unfolded = xp.unfold(2, (k - 1) * d + 1, s)[..., ::d]  # (N, C_in, L, K), a view
+            u = unfolded.permute(0, 2, 1, 3).reshape(n, length, c_in * k)
+            per_sample = torch.bmm(g, u).reshape(n, -1)
+            parts["weight"] = (per_sample.pow(2).sum(1), lambda c: c @ per_sample)
+    if module.bias is not None:
+        parts["bias"] = _bias_part(g.sum(2))
+    return _assemble(module, wanted, parts)
+
+
+def _normalisation(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+    """GroupNorm / LayerNorm affine parameters: ``sum g * x_hat`` and ``sum g`` per sample (exact, small)."""
+    wanted = _wanted(module, trained)
+    n = calls[0].grad_output.shape[0]
+    gw: Tensor | int = 0
+    gb: Tensor | int = 0
+    for call in calls:
+        x, g = call.inputs[0], call.grad_output
+        if isinstance(module, nn.GroupNorm):
+            x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
+            gw = gw + (g * x_hat).reshape(n, module.num_channels, -1).sum(-1)
+            gb = gb + g.reshape(n, module.num_channels, -1).sum(-1)
+        else:
+            assert isinstance(module, nn.LayerNorm)
+            shape = module.normalized_shape
+            x_hat = F.layer_norm(x, shape, eps=module.eps)
+            gw = gw + (g * x_hat).reshape(n, -1, *shape).sum(1).reshape(n, -1)
+            gb = gb + g.reshape(n, -1, *shape).sum(1).reshape(n, -1)
+    assert isinstance(gw, Tensor) and isinstance(gb, Tensor)
+    return _assemble(module, wanted, {"weight": _bias_part(gw), "bias": _bias_part(gb)})
+
+
+def _embedding(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+    """``nn.Embedding``: rows hit by the same id share a gradient, so ``|G_n|^2`` sums ``g_t . g_t'``
+    over equal ids; the clipped sum scatters ``c_n g_n`` into the table. ``padding_idx`` gets no
+    gradient, as in torch's own backward."""
+    assert isinstance(module, nn.Embedding)
+    wanted = _wanted(module, trained)
+    n = calls[0].grad_output.shape[0]
+    ids = torch.cat([c.inputs[0].reshape(n, -1) for c in calls], 1)
+    g = torch.cat([c.grad_output.reshape(n, ids.shape[1], -1) for c in calls], 1)
+    if module.padding_idx is not None:
+        g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
+    sq = (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    rows, dim = module.num_embeddings, module.embedding_dim
+
+    def clip(c: Tensor) -> Tensor:
+        return g.new_zeros(rows, dim).index_add_(0, ids.reshape(-1), (g * c[:, None, None]).reshape(-1, dim))
+
+    return _assemble(module, wanted, {"weight": (sq, clip)})
+
+
+def _opacus_sampler(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+    """Any other layer Opacus has a grad sampler for: its materialised per-sample gradients, summed over calls."""
+    sampler = GradSampleModule.GRAD_SAMPLERS[type(module)]
+    wanted = _wanted(module, trained)
+    totals: dict[int, Tensor] = {}
+    for call in calls:
+        for p, sample in sampler(module, list(call.inputs), call.grad_output).items():
+            totals[id(p)] = totals[id(p)] + sample if id(p) in totals else sample
+    parts: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]] = {}
+    for name, p in wanted:
+        flat = totals[id(p)].reshape(len(totals[id(p)]), -1)
+        parts[name] = (flat.pow(2).sum(1), lambda c, flat=flat: c @ flat)
+    return _assemble(module, wanted, parts)
+
+
+def _native_rule(module: nn.Module, calls: int) -> Rule | None:
+    """FedMER's own rule for ``module``, when one applies exactly."""
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return _linear
+    if (
+        type(module) is nn.Conv1d
+        and calls == 1
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    ):
+        return _conv1d
+    if type(module) in (nn.GroupNorm, nn.LayerNorm):
+        return _normalisation
+    if (
+        type(module) is nn.Embedding
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+        and not module.sparse
+    ):
+        return _embedding
+    return None
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether some rule computes ``module``'s per-sample norms (FedMER's own, or an Opacus grad sampler)."""
+    return _native_rule(module, 1) is not None or type(module) in GradSampleModule.GRAD_SAMPLERS
+
+
+def layer_clip(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+    """``module``'s squared per-sample norms and clipped sums over its parameters in ``trained`` (ids)."""
+    rule = _native_rule(module, len(calls)) or _opacus_sampler
+    return rule(module, calls, trained)
