@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from fedmer.privacy.dp_optimizer import LOSS_REDUCTION, SummedLossDPOptimizer
-from fedmer.privacy.ghost_norms import Call, layer_clip, supports
+from fedmer.privacy.ghost_norms import Call, Wanted, layer_clip, supports, trained_of
 
 __all__ = ["BOOKKEEPING_MODE", "BookkeepingDPOptimizer", "BookkeepingModule"]
 
@@ -52,11 +52,14 @@ class BookkeepingModule(GradSampleModuleNoOp):
     def __init__(self, module: nn.Module, *, loss_reduction: str = LOSS_REDUCTION) -> None:
         super().__init__(module, batch_first=True, loss_reduction=loss_reduction)
         self.layers = [
-            m for m in module.modules() if supports(m) and any(p.requires_grad for p in m.parameters(recurse=False))
+            m
+            for m in module.modules()
+            if supports(m) and any(p.requires_grad for p in m.parameters(recurse=False))
         ]
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._record) for m in self.layers]
         self._outputs: list[tuple[nn.Module, tuple[Tensor, ...], Tensor]] = []
         self._calls: dict[nn.Module, list[Call]] | None = None
+        self._wanted: tuple[frozenset[int], dict[nn.Module, Wanted]] | None = None  # per optimizer
 
     def _record(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
@@ -75,23 +78,29 @@ class BookkeepingModule(GradSampleModuleNoOp):
                 calls[module].append(Call(inputs, torch.zeros_like(output) if g is None else g))
         self._calls = calls
 
+    @torch.no_grad()
     def clipped_sums(self, params: list[nn.Parameter], max_grad_norm: float) -> list[Tensor]:
         """Each of ``params``' sum of per-sample gradients clipped to ``max_grad_norm`` as a whole."""
         calls, self._calls = self._calls, None
         if calls is None:
-            raise RuntimeError("optimizer step without a book-keeping backward (call BookkeepingModule.backward)")
+            raise RuntimeError(
+                "optimizer step without a book-keeping backward (call BookkeepingModule.backward)"
+            )
         trained = frozenset(id(p) for p in params)
-        layers = [layer_clip(m, c, trained) for m, c in calls.items()]
-        layers = [layer for layer in layers if layer.params]
-        out = {id(p): torch.zeros_like(p) for p in params}
-        if not layers:
-            return [out[id(p)] for p in params]  # an empty Poisson batch: nothing to clip
-        sq = torch.stack([layer.sq_norms for layer in layers]).sum(0).clamp(min=0)
-        factor = (max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        for layer in layers:
-            for p, grad in zip(layer.params, layer.clipped(factor), strict=True):
-                out[id(p)] += grad
-        return [out[id(p)] for p in params]
+        if self._wanted is None or self._wanted[0] != trained:
+            self._wanted = (trained, {m: trained_of(m, trained) for m in self.layers})
+        wanted = self._wanted[1]
+        layers = [layer_clip(m, c, wanted[m]) for m, c in calls.items() if wanted[m]]
+        sums: dict[int, Tensor] = {}
+        if layers:  # else an empty Poisson batch: nothing to clip, a zero sum
+            sq = layers[0].sq_norms
+            for layer in layers[1:]:
+                sq = sq + layer.sq_norms
+            factor = (max_grad_norm / (sq.clamp(min=0).sqrt() + 1e-6)).clamp(max=1.0)
+            for layer in layers:
+                for p, grad in zip(layer.params, layer.clipped(factor), strict=True):
+                    sums[id(p)] = sums[id(p)] + grad if id(p) in sums else grad
+        return [sums[id(p)] if id(p) in sums else torch.zeros_like(p) for p in params]
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -151,7 +160,9 @@ class BookkeepingDPOptimizer(SummedLossDPOptimizer):
         return True
 
     def clip_and_accumulate(self) -> None:
-        for p, grad in zip(self.params, self.module.clipped_sums(self.params, self.max_grad_norm), strict=True):
+        for p, grad in zip(
+            self.params, self.module.clipped_sums(self.params, self.max_grad_norm), strict=True
+        ):
             if p.summed_grad is not None:
                 p.summed_grad += grad
             else:

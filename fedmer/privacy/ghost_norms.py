@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
+from torch.nn.grad import conv1d_weight
 
-__all__ = ["Call", "LayerClip", "layer_clip", "supports"]
+__all__ = ["Call", "LayerClip", "Wanted", "layer_clip", "supports", "trained_of"]
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,19 @@ class LayerClip:
     clipped: Callable[[Tensor], list[Tensor]]
 
 
-Rule = Callable[[nn.Module, Sequence[Call], frozenset[int]], LayerClip]
+#: The parameters of a layer to clip, by their name in the layer ("weight", "bias").
+Wanted = list[tuple[str, nn.Parameter]]
+Rule = Callable[[nn.Module, Sequence[Call], Wanted], LayerClip]
 
 
-def _wanted(module: nn.Module, trained: frozenset[int]) -> list[tuple[str, nn.Parameter]]:
+def trained_of(module: nn.Module, trained: frozenset[int]) -> Wanted:
+    """``module``'s own parameters whose ids are in ``trained`` (the optimizer's), by name."""
     return [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in trained]
 
 
-def _linear_product(a: Tensor, g: Tensor, want_bias: bool) -> tuple[Tensor, Callable[[Tensor], Tensor], Tensor | None]:
+def _linear_product(
+    a: Tensor, g: Tensor, want_bias: bool
+) -> tuple[Tensor, Callable[[Tensor], Tensor], Tensor | None]:
     """For ``G_n = g_n^T a_n`` (``a``: ``(N, T, d_in)``, ``g``: ``(N, T, d_out)``): squared norms,
     the clipped-sum function, and the bias' per-sample gradients ``sum_t g_n`` (if asked)."""
     n, t, d_in = a.shape
@@ -75,71 +81,79 @@ def _linear_product(a: Tensor, g: Tensor, want_bias: bool) -> tuple[Tensor, Call
 
 
 def _assemble(
-    module: nn.Module, wanted: list[tuple[str, nn.Parameter]], parts: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]]
+    wanted: list[tuple[str, nn.Parameter]], parts: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]]
 ) -> LayerClip:
     """A :class:`LayerClip` from per-parameter (squared norms, clipped-sum function) pairs."""
-    params = tuple(p for name, p in wanted)
-    sq = sum((parts[name][0] for name, _ in wanted), start=torch.zeros(()))
+    params = tuple(p for _, p in wanted)
     fns = [parts[name][1] for name, _ in wanted]
+    sq = parts[wanted[0][0]][0] if wanted else torch.zeros(())
+    for name, _ in wanted[1:]:
+        sq = sq + parts[name][0]
     return LayerClip(params, sq, lambda c: [f(c).view_as(p) for f, p in zip(fns, params, strict=True)])
 
 
 def _bias_part(gb: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """A materialised per-sample gradient ``(N, k)``: its squared norms and ``c @ gb``."""
     return gb.pow(2).sum(1), lambda c: c @ gb
 
 
-def _linear(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+def _along_t(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _linear(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerClip:
     """``nn.Linear`` over any leading dims; several calls (an RNN cell's steps) are one longer ``T``."""
     assert isinstance(module, nn.Linear)
-    wanted = _wanted(module, trained)
     n = calls[0].grad_output.shape[0]
-    a = torch.cat([c.inputs[0].reshape(n, -1, module.in_features) for c in calls], 1)
-    g = torch.cat([c.grad_output.reshape(n, -1, module.out_features) for c in calls], 1)
+    a = _along_t([c.inputs[0].reshape(n, -1, module.in_features) for c in calls])
+    g = _along_t([c.grad_output.reshape(n, -1, module.out_features) for c in calls])
     names = {name for name, _ in wanted}
     sq, clip, gb = _linear_product(a, g, "bias" in names)
     parts = {"weight": (sq, clip)}
     if gb is not None:
         parts["bias"] = _bias_part(gb)
-    return _assemble(module, wanted, parts)
+    return _assemble(wanted, parts)
 
 
-def _conv1d(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+def _conv1d(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerClip:
     """``nn.Conv1d`` (one call, ``groups=1``, zero padding): Gram matrices of the padded input,
     summed along each kernel tap's diagonal, or the unfolded per-sample gradient if cheaper."""
     assert isinstance(module, nn.Conv1d)
-    wanted = _wanted(module, trained)
     (x,), g = calls[0].inputs, calls[0].grad_output
     (k,), (d,), (s,) = module.kernel_size, module.dilation, module.stride
     pad = int(module.padding[0])  # type: ignore[index]
     n, c_in, _ = x.shape
     c_out, length = g.shape[1], g.shape[2]
-    xp = F.pad(x, (pad, pad)) if pad else x
     parts: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]] = {}
     if "weight" in {name for name, _ in wanted}:
         span = (length - 1) * s + 1
-        if length * length * c_out + xp.shape[2] ** 2 * c_in < c_out * c_in * k * length:
-            gram_x = torch.bmm(xp.transpose(1, 2), xp)
-            gram_u = sum(gram_x[:, j * d : j * d + span : s, j * d : j * d + span : s] for j in range(k))
+        if length * length * c_out + x.shape[2] ** 2 * c_in < c_out * c_in * k * length:
+            # Gram of the input, zero-padded as the input is; tap j of output t reads t*s + j*d.
+            gram_x = torch.bmm(x.transpose(1, 2), x)
+            gram_x = F.pad(gram_x, (pad, pad, pad, pad)) if pad else gram_x
+            gram_u = gram_x[:, 0:span:s, 0:span:s].clone()
+            for j in range(1, k):
+                gram_u += gram_x[:, j * d : j * d + span : s, j * d : j * d + span : s]
             sq = (gram_u * torch.bmm(g.transpose(1, 2), g)).sum((1, 2))
-            weight_shape, kwargs = module.weight.shape, {"stride": s, "padding": pad, "dilation": d}
+            weight_shape = module.weight.shape
 
-            def clip(c: Tensor) -> Tensor:
-                return torch.nn.grad.conv1d_weight(x, weight_shape, g * c[:, None, None], **kwargs)
+            def clip(c: Tensor) -> Tensor:  # the convolution's own weight gradient of c_n * g_n
+                return conv1d_weight(x, weight_shape, g * c[:, None, None], stride=s, padding=pad, dilation=d)
 
             parts["weight"] = (sq, clip)
         else:
+            xp = F.pad(x, (pad, pad)) if pad else x
             unfolded = xp.unfold(2, (k - 1) * d + 1, s)[..., ::d]  # (N, C_in, L, K), a view
             u = unfolded.permute(0, 2, 1, 3).reshape(n, length, c_in * k)
             per_sample = torch.bmm(g, u).reshape(n, -1)
             parts["weight"] = (per_sample.pow(2).sum(1), lambda c: c @ per_sample)
     if module.bias is not None:
         parts["bias"] = _bias_part(g.sum(2))
-    return _assemble(module, wanted, parts)
+    return _assemble(wanted, parts)
 
 
-def _normalisation(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+def _normalisation(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerClip:
     """GroupNorm / LayerNorm affine parameters: ``sum g * x_hat`` and ``sum g`` per sample (exact, small)."""
-    wanted = _wanted(module, trained)
     n = calls[0].grad_output.shape[0]
     gw: Tensor | int = 0
     gb: Tensor | int = 0
@@ -156,18 +170,18 @@ def _normalisation(module: nn.Module, calls: Sequence[Call], trained: frozenset[
             gw = gw + (g * x_hat).reshape(n, -1, *shape).sum(1).reshape(n, -1)
             gb = gb + g.reshape(n, -1, *shape).sum(1).reshape(n, -1)
     assert isinstance(gw, Tensor) and isinstance(gb, Tensor)
-    return _assemble(module, wanted, {"weight": _bias_part(gw), "bias": _bias_part(gb)})
+    return _assemble(wanted, {"weight": _bias_part(gw), "bias": _bias_part(gb)})
 
 
-def _embedding(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
+def _embedding(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerClip:
     """``nn.Embedding``: rows hit by the same id share a gradient, so ``|G_n|^2`` sums ``g_t . g_t'``
     over equal ids; the clipped sum scatters ``c_n g_n`` into the table. ``padding_idx`` gets no
     gradient, as in torch's own backward."""
     assert isinstance(module, nn.Embedding)
-    wanted = _wanted(module, trained)
     n = calls[0].grad_output.shape[0]
-    ids = torch.cat([c.inputs[0].reshape(n, -1) for c in calls], 1)
-    g = torch.cat([c.grad_output.reshape(n, ids.shape[1], -1) for c in calls], 1)
+    each = [c.inputs[0].reshape(n, -1) for c in calls]
+    ids = _along_t(each)
+    g = _along_t([c.grad_output.reshape(n, i.shape[1], -1) for c, i in zip(calls, each, strict=True)])
     if module.padding_idx is not None:
         g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
@@ -177,13 +191,12 @@ def _embedding(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]
     def clip(c: Tensor) -> Tensor:
         return g.new_zeros(rows, dim).index_add_(0, ids.reshape(-1), (g * c[:, None, None]).reshape(-1, dim))
 
-    return _assemble(module, wanted, {"weight": (sq, clip)})
+    return _assemble(wanted, {"weight": (sq, clip)})
 
 
-def _opacus_sampler(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
-    """Any other layer Opacus has a grad sampler for: its materialised per-sample gradients, summed over calls."""
+def _opacus_sampler(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerClip:
+    """Any other layer Opacus has a grad sampler for: its per-sample gradients, summed over calls."""
     sampler = GradSampleModule.GRAD_SAMPLERS[type(module)]
-    wanted = _wanted(module, trained)
     totals: dict[int, Tensor] = {}
     for call in calls:
         for p, sample in sampler(module, list(call.inputs), call.grad_output).items():
@@ -191,8 +204,8 @@ def _opacus_sampler(module: nn.Module, calls: Sequence[Call], trained: frozenset
     parts: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]] = {}
     for name, p in wanted:
         flat = totals[id(p)].reshape(len(totals[id(p)]), -1)
-        parts[name] = (flat.pow(2).sum(1), lambda c, flat=flat: c @ flat)
-    return _assemble(module, wanted, parts)
+        parts[name] = _bias_part(flat)  # a materialised (N, k) gradient: the same two formulas
+    return _assemble(wanted, parts)
 
 
 def _native_rule(module: nn.Module, calls: int) -> Rule | None:
@@ -224,7 +237,7 @@ def supports(module: nn.Module) -> bool:
     return _native_rule(module, 1) is not None or type(module) in GradSampleModule.GRAD_SAMPLERS
 
 
-def layer_clip(module: nn.Module, calls: Sequence[Call], trained: frozenset[int]) -> LayerClip:
-    """``module``'s squared per-sample norms and clipped sums over its parameters in ``trained`` (ids)."""
+def layer_clip(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerClip:
+    """``module``'s squared per-sample norms and clipped sums over ``wanted`` (:func:`trained_of`)."""
     rule = _native_rule(module, len(calls)) or _opacus_sampler
-    return rule(module, calls, trained)
+    return rule(module, calls, wanted)

@@ -38,6 +38,8 @@ _skip_without_meld = pytest.mark.skipif(
 def needs_meld(test):  # type: ignore[no-untyped-def]
     """Marked ``data`` and skipped without ../shared/data/meld."""
     return pytest.mark.data(_skip_without_meld(test))
+
+
 HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID"]
 CFG = DataConfig(name="meld", seq_len=32)
 
