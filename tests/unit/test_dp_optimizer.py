@@ -26,9 +26,15 @@ from fedmer.config import GRAD_SAMPLE_MODES, DataConfig, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.synthetic import generate_synthetic
 from fedmer.models import build_model_for
+from fedmer.privacy.bookkeeping import BOOKKEEPING_MODE
 from fedmer.privacy.dp_optimizer import LOSS_REDUCTION, SummedLossDPOptimizer
 from fedmer.privacy.engine import PrivacyHistory, make_private
 from fedmer.training.loops import SampleLosses, batch_losses, make_loader, reduce_losses, train_epochs
+
+
+#: Opacus' own per-sample-gradient modes, the ones with a ``mean`` path to compare with (book-keeping
+#: is FedMER's and is compared with hooks in test_grad_sample_mode.py).
+OPACUS_MODES = [m for m in GRAD_SAMPLE_MODES if m != BOOKKEEPING_MODE]
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +180,7 @@ def _epoch(data: MultimodalDataset, mode: str, noise: float, batch: int, ours: b
     return copy.deepcopy(model.state_dict()), history().entries
 
 
-@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+@pytest.mark.parametrize("mode", OPACUS_MODES)
 @pytest.mark.parametrize(("noise", "batch"), [(0.0, 16), (1.0, 16), (1.0, 1)])
 def test_an_epoch_is_opacus_mean_step(data: MultimodalDataset, mode: str, noise: float, batch: int) -> None:
     """Same weights (float rounding) and the same accountant entries; batch 1 makes empty Poisson batches."""

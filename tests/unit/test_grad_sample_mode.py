@@ -229,11 +229,12 @@ def _client_round(mode: str, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dic
     return arrays, dict(reply.content[rk.METRICS]), read_ledger(f"{out}/ledgers/client-0.json"), used
 
 
-def test_a_client_round_with_expanded_weights_matches_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", LAYOUT_MODES)
+def test_a_client_round_matches_hooks(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """The ClientApp trains with the configured mode; update, epsilon and ledger entry are hooks'."""
     ref_arrays, ref_metrics, ref_ledger, ref_used = _client_round("hooks", monkeypatch)
-    arrays, metrics, ledger, used = _client_round("ew", monkeypatch)
-    assert (ref_used, used) == (["hooks"], ["ew"])
+    arrays, metrics, ledger, used = _client_round(mode, monkeypatch)
+    assert (ref_used, used) == (["hooks"], [mode])
     for key in ref_arrays:
         torch.testing.assert_close(arrays[key], ref_arrays[key], rtol=1e-4, atol=1e-5, msg=key)
     for key in (rk.EPSILON, rk.EPSILON_LIFETIME, rk.NOISE_MULTIPLIER, rk.STEPS, rk.NUM_EXAMPLES):
