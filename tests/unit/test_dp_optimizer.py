@@ -31,7 +31,6 @@ from fedmer.privacy.dp_optimizer import LOSS_REDUCTION, SummedLossDPOptimizer
 from fedmer.privacy.engine import PrivacyHistory, make_private
 from fedmer.training.loops import SampleLosses, batch_losses, make_loader, reduce_losses, train_epochs
 
-
 #: Opacus' own per-sample-gradient modes, the ones with a ``mean`` path to compare with (book-keeping
 #: is FedMER's and is compared with hooks in test_grad_sample_mode.py).
 OPACUS_MODES = [m for m in GRAD_SAMPLE_MODES if m != BOOKKEEPING_MODE]
