@@ -1,11 +1,13 @@
-"""The cost of one DP-SGD step over a non-private step, for each Opacus ``grad_sample_mode``.
+"""The cost of one DP-SGD step over a non-private step, for each ``grad_sample_mode``.
 
 The default run's model (``make run``: ``configs/`` composed with no overrides, built by
 ``build_model_for`` on client 0's synthetic data) takes one optimisation step on a batch of the
 default size (``federation.batch_size``): forward, backward, optimizer step. Non-private, that is
 plain SGD with momentum on the mean per-sample loss; under DP-SGD the optimizer step also clips
-every per-sample gradient and adds the noise of the default run. Each Opacus mode is set up as
-FedMER trains (``make_private`` over ``SampleLosses``, the loss computed through Opacus' wrapper);
+every per-sample gradient and adds the noise of the default run. Each mode is set up as
+FedMER trains (``make_private`` over ``SampleLosses``, the loss computed through the wrapper,
+backpropagated with ``backpropagate``): "bk" is FedMER's book-keeping (the default), the others
+Opacus' own per-sample-gradient modes;
 ``ghost`` is not one FedMER accepts (it needs Opacus' own loss wrapper) and is timed through
 Opacus directly, as it fails on the model and, separately, with the failing index made contiguous.
 
@@ -53,7 +55,8 @@ from simulations.compose import compose_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
 NON_PRIVATE = "non-private"
-#: Opacus' modes, in the order of the table ("ghost*": ghost with the embedding index made contiguous;
+#: The modes, in the order of the table ("bk": FedMER's book-keeping, fedmer.privacy.bookkeeping;
+#: the rest are Opacus'; "ghost*": ghost with the embedding index made contiguous;
 #: "ew-mean": ew with Opacus' mean reduction and optimizer, FedMER's set-up before session 13;
 #: "ew-group": ew with torch's grouped-convolution per-sample gradient for every ``Conv1d``).
 MODES = ("bk", "hooks", "ew", "ew-mean", "ew-group", "functorch", "ghost", "ghost*")

@@ -94,7 +94,7 @@ def _assemble(
 
 def _bias_part(gb: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """A materialised per-sample gradient ``(N, k)``: its squared norms and ``c @ gb``."""
-    return gb.pow(2).sum(1), lambda c: c @ gb
+    return torch.linalg.vecdot(gb, gb), lambda c: c @ gb
 
 
 def _along_t(parts: list[Tensor]) -> Tensor:
@@ -131,10 +131,11 @@ def _conv1d(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerCl
             # Gram of the input, zero-padded as the input is; tap j of output t reads t*s + j*d.
             gram_x = torch.bmm(x.transpose(1, 2), x)
             gram_x = F.pad(gram_x, (pad, pad, pad, pad)) if pad else gram_x
-            gram_u = gram_x[:, 0:span:s, 0:span:s].clone()
-            for j in range(1, k):
-                gram_u += gram_x[:, j * d : j * d + span : s, j * d : j * d + span : s]
-            sq = (gram_u * torch.bmm(g.transpose(1, 2), g)).sum((1, 2))
+            taps = [gram_x[:, j * d : j * d + span : s, j * d : j * d + span : s] for j in range(k)]
+            gram_u = taps[0] + taps[1] if k > 1 else taps[0].contiguous()
+            for tap in taps[2:]:
+                gram_u += tap
+            sq = torch.linalg.vecdot(gram_u.reshape(n, -1), torch.bmm(g.transpose(1, 2), g).reshape(n, -1))
             weight_shape = module.weight.shape
 
             def clip(c: Tensor) -> Tensor:  # the convolution's own weight gradient of c_n * g_n
@@ -160,9 +161,10 @@ def _normalisation(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> 
     for call in calls:
         x, g = call.inputs[0], call.grad_output
         if isinstance(module, nn.GroupNorm):
-            x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
-            gw = gw + (g * x_hat).reshape(n, module.num_channels, -1).sum(-1)
-            gb = gb + g.reshape(n, module.num_channels, -1).sum(-1)
+            x_hat = F.group_norm(x, module.num_groups, eps=module.eps).reshape(n, module.num_channels, -1)
+            g = g.reshape(n, module.num_channels, -1)
+            gw = gw + torch.linalg.vecdot(g, x_hat)
+            gb = gb + g.sum(-1)
         else:
             assert isinstance(module, nn.LayerNorm)
             shape = module.normalized_shape
