@@ -55,7 +55,7 @@ from simulations.compose import compose_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
 NON_PRIVATE = "non-private"
-#: The modes, in the order of the table ("bk": FedMER's book-keeping, fedmer.privacy.bookkeeping;
+#: The modes, in the order of the table ("bk": FedMER's book-keeping, fedmer.privacy.bk_dpsgd;
 #: the rest are Opacus'; "ghost*": ghost with the embedding index made contiguous;
 #: "ew-mean": ew with Opacus' mean reduction and optimizer, FedMER's set-up before session 13;
 #: "ew-group": ew with torch's grouped-convolution per-sample gradient for every ``Conv1d``).

@@ -63,7 +63,7 @@ RECIPES: tuple[str, ...] = ("manual", "auto")
 #: ``model.prior``: the model's starting weights as drawn, or from public knowledge (fedmer.models.prior).
 MODEL_PRIORS: tuple[str, ...] = ("none", "face_expressions")
 #: ``privacy.grad_sample_mode``: how DP-SGD gets each sample's clipped gradient: "bk" (FedMER's
-#: book-keeping: per-sample norms from layer inputs and output gradients, fedmer.privacy.bookkeeping)
+#: book-keeping: per-sample norms from layer inputs and output gradients, fedmer.privacy.bk_dpsgd)
 #: or one of Opacus' per-sample-gradient modes; all train every model family here to the same
 #: update (tests/unit/test_grad_sample_mode.py). Not "ghost": it needs Opacus' own criterion
 #: wrapper and was measured slower (docs/performance.md).

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmer.config import GRAD_SAMPLE_MODES
-from fedmer.privacy.bookkeeping import BOOKKEEPING_MODE, BookkeepingDPOptimizer, BookkeepingModule
+from fedmer.privacy.bk_dpsgd import BOOKKEEPING_MODE, BookkeepingDPOptimizer, BookkeepingModule
 from fedmer.privacy.dp_optimizer import LOSS_REDUCTION, SummedLossDPOptimizer
 from fedmer.privacy.noise_cache import cached_on_disk
 from fedmer.privacy.noise_search import REL_TOL, find_noise, first_guess
@@ -250,7 +250,7 @@ def make_private(
     """Wrap model, optimizer and loader for DP-SGD with Poisson sampling, resuming ``history``.
 
     ``grad_sample_mode`` picks how each sample's clipped gradient is computed (one of
-    ``GRAD_SAMPLE_MODES``): "bk", FedMER's book-keeping (:mod:`fedmer.privacy.bookkeeping`,
+    ``GRAD_SAMPLE_MODES``): "bk", FedMER's book-keeping (:mod:`fedmer.privacy.bk_dpsgd`,
     whose wrapper must be trained with :func:`fedmer.training.loops.backpropagate`), or one of
     Opacus' per-sample-gradient modes. Book-keeping, expanded weights ("ew") and functorch see
     only what runs inside the wrapped module's forward, so the loss must be computed through

@@ -1,6 +1,6 @@
 """Per-sample gradient norms and clipped sums of one layer, from its inputs and output gradients.
 
-Book-keeping DP-SGD (:mod:`fedmer.privacy.bookkeeping`) never stores a per-sample gradient
+Book-keeping DP-SGD (:mod:`fedmer.privacy.bk_dpsgd`) never stores a per-sample gradient
 when it does not have to. For a linear map ``y_t = W a_t`` over ``T`` positions (a sequence,
 a convolution's output positions) sample ``n``'s weight gradient is ``G_n = g_n^T a_n``, and
 
@@ -14,7 +14,7 @@ Each rule picks, per layer, whichever of the Gram route and the materialised ``G
 fewer multiply-adds. Normalisation layers and embeddings use their exact per-sample formulas;
 any other layer Opacus has a grad sampler for (``GradSampleModule.GRAD_SAMPLERS``) falls back to
 that sampler's materialised per-sample gradients. Every rule returns the same two things, so
-the clipping in :mod:`fedmer.privacy.bookkeeping` is one loop; ``tests/unit/test_bookkeeping.py``
+the clipping in :mod:`fedmer.privacy.bk_dpsgd` is one loop; ``tests/unit/test_bk_dpsgd.py``
 pins each rule against per-sample gradients computed one sample at a time.
 """
 

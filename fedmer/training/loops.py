@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmer.data.base import MultimodalDataset
 from fedmer.models.multimodal import MultimodalEmotionNet
-from fedmer.privacy.bookkeeping import BookkeepingModule
+from fedmer.privacy.bk_dpsgd import BookkeepingModule
 from fedmer.training.metrics import classification_report
 
 __all__ = [
@@ -171,7 +171,7 @@ def train_epochs(
 
 def backpropagate(model: nn.Module, loss: torch.Tensor) -> None:
     """``loss.backward()``, or for book-keeping DP-SGD its own backward: the gradients wrt the
-    recorded layer outputs only, from which its optimizer clips (:mod:`fedmer.privacy.bookkeeping`)."""
+    recorded layer outputs only, from which its optimizer clips (:mod:`fedmer.privacy.bk_dpsgd`)."""
     if isinstance(model, BookkeepingModule):
         model.backward(loss)
     else:

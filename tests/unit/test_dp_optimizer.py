@@ -26,7 +26,7 @@ from fedmer.config import GRAD_SAMPLE_MODES, DataConfig, ExperimentConfig
 from fedmer.data.base import MultimodalDataset
 from fedmer.data.synthetic import generate_synthetic
 from fedmer.models import build_model_for
-from fedmer.privacy.bookkeeping import BOOKKEEPING_MODE
+from fedmer.privacy.bk_dpsgd import BOOKKEEPING_MODE
 from fedmer.privacy.dp_optimizer import LOSS_REDUCTION, SummedLossDPOptimizer
 from fedmer.privacy.engine import PrivacyHistory, make_private
 from fedmer.training.loops import SampleLosses, batch_losses, make_loader, reduce_losses, train_epochs

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from fedmer.privacy.bookkeeping import BookkeepingModule
+from fedmer.privacy.bk_dpsgd import BookkeepingModule
 from fedmer.privacy.engine import PrivacyHistory, make_private
 from fedmer.privacy.ghost_norms import layer_clip, trained_of
 from fedmer.training.loops import backpropagate, make_loader
@@ -269,3 +269,20 @@ def test_no_record_without_grad_and_none_after_remove_hooks() -> None:
     wrapped.remove_hooks()
     wrapped(_draw(0, 4, 3))
     assert wrapped._outputs == [] and not lin._forward_hooks
+
+
+class _Flattening(nn.Module):
+    """A linear layer over ``(batch x positions, features)``: its rows are not samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x.reshape(-1, 3)).reshape(len(x), -1).sum(1)
+
+
+def test_a_layer_that_does_not_see_the_batch_first_is_an_error() -> None:
+    wrapped = BookkeepingModule(_Flattening())
+    with pytest.raises(ValueError, match=r"Linear output has leading dimension \(8,\), the batch is 2"):
+        wrapped.backward(wrapped(_draw(0, 2, 4, 3)).sum())

@@ -13,7 +13,7 @@ are known, each parameter's clipped sum as one ordinary weight gradient.
 The update is Opacus' flat clipping to the letter (the same factor ``min(1, C / (norm + 1e-6))``
 on the norm over all of the optimizer's parameters, the same noise, skip queue and accountant
 hook: :class:`BookkeepingDPOptimizer` only replaces how ``clip_and_accumulate`` gets the
-clipped sum). ``tests/unit/test_bookkeeping.py`` compares every layer rule with per-sample
+clipped sum). ``tests/unit/test_bk_dpsgd.py`` compares every layer rule with per-sample
 gradients computed one sample at a time, and ``tests/unit/test_grad_sample_mode.py`` a whole
 epoch of every model family with hooks'. The assumption is Opacus' own: a sample's loss
 depends on no other sample (no BatchNorm; Opacus' validator refuses one).
@@ -60,6 +60,11 @@ class BookkeepingModule(GradSampleModuleNoOp):
         self._outputs: list[tuple[nn.Module, tuple[Tensor, ...], Tensor]] = []
         self._calls: dict[nn.Module, list[Call]] | None = None
         self._wanted: tuple[frozenset[int], dict[nn.Module, Wanted]] | None = None  # per optimizer
+        self._batch = 0
+
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        self._batch = len(x)  # every recorded layer must see the batch first (checked in backward)
+        return super().forward(x, *args, **kwargs)  # type: ignore[no-any-return]
 
     def _record(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
@@ -75,6 +80,12 @@ class BookkeepingModule(GradSampleModuleNoOp):
         if outputs:
             grads = torch.autograd.grad(loss, [o for _, _, o in outputs], allow_unused=True)
             for (module, inputs, output), g in zip(outputs, grads, strict=True):
+                if output.shape[:1] != (self._batch,):
+                    raise ValueError(
+                        f"{type(module).__name__} output has leading dimension {tuple(output.shape[:1])}, "
+                        f"the batch is {self._batch}: per-sample clipping needs the batch first in every "
+                        "layer (a flattened (batch x positions, features) input mixes samples)"
+                    )
                 calls[module].append(Call(inputs, torch.zeros_like(output) if g is None else g))
         self._calls = calls
 
