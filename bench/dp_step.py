@@ -21,6 +21,7 @@ default 2 epochs) per mode accepted by ``privacy.grad_sample_mode``.
 
     .venv/bin/python -m bench.dp_step                 # ~2 minutes; bench/results/dp_step.json
     .venv/bin/python -m bench.dp_step --rounds 6 --local-rounds 3   # quicker, noisier
+    .venv/bin/python -m bench.dp_step --families      # also every model family's local round (~6 min)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import opacus
@@ -246,11 +247,15 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 
 def time_local_rounds(
-    cfg: ExperimentConfig, data: MultimodalDataset, noise: float, repeats: int
+    cfg: ExperimentConfig,
+    data: MultimodalDataset,
+    noise: float,
+    repeats: int,
+    modes: Sequence[str] = (NON_PRIVATE, *GRAD_SAMPLE_MODES),
 ) -> dict[str, dict]:
-    """One client's whole local round (``train_local``) per accepted mode and without DP, interleaved."""
+    """One client's whole local round (``train_local``) per mode in ``modes`` (the first must be
+    non-private: the ratios' base), interleaved."""
     recipe = local_recipe(cfg, len(data))
-    modes = [NON_PRIVATE, *GRAD_SAMPLE_MODES]
     times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(repeats + 1):
         for mode in modes:
@@ -277,12 +282,46 @@ def time_local_rounds(
     }
 
 
+#: Model families (configs/model/ presets' encoder / fusion / auxiliary loss) for ``--families``.
+FAMILIES: dict[str, dict[str, str]] = {
+    "attention (default)": {},
+    "late": {"fusion": "late"},
+    "coattention": {"fusion": "coattention"},
+    "transformer": {"fusion": "transformer"},
+    "gated": {"fusion": "gated"},
+    "dcca": {"fusion": "concat", "aux_loss": "cca"},
+    "contrastive": {"aux_loss": "contrastive"},
+    "gru": {"encoder": "gru"},
+    "crnn": {"encoder": "crnn"},
+    "functionals": {"encoder": "functionals", "fusion": "concat"},
+}
+
+
+def time_families(
+    cfg: ExperimentConfig, data: MultimodalDataset, noise: float, repeats: int
+) -> dict[str, dict]:
+    """A local round of each model family, non-private, book-keeping and expanded weights."""
+    out = {}
+    print(f"\none local round per model family, median of {repeats} (ratio to non-private)")
+    for family, overrides in FAMILIES.items():
+        family_cfg = replace(cfg, model=replace(cfg.model, **overrides))  # type: ignore[arg-type]
+        rounds = time_local_rounds(family_cfg, data, noise, repeats, (NON_PRIVATE, "bk", "ew"))
+        out[family] = rounds
+        cells = "  ".join(f"{m} {r['ratio']:.2f}x" for m, r in rounds.items() if m != NON_PRIVATE)
+        print(f"{family:<20} non-private {rounds[NON_PRIVATE]['ms']:>6.1f} ms  {cells}", flush=True)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12, help="timed rounds (after warm-up)")
     parser.add_argument("--block", type=int, default=5, help="consecutive steps of each mode per round")
     parser.add_argument("--warmup", type=int, default=1, help="rounds left out first")
     parser.add_argument("--local-rounds", type=int, default=7, help="timed train_local calls per mode")
+    parser.add_argument(
+        "--families", action="store_true",
+        help="also a local round of every model family (configs/model/), non-private, bk and ew",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     given = list(argv) if argv is not None else sys.argv[1:]
     args = parser.parse_args(given)
@@ -317,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\none local round (train_local, {steps_per_round} steps), median of {args.local_rounds}")
         for name, r in local.items():
             print(f"{name:<12} {r['ms']:>8.1f} ms {r['ratio']:>5.2f}x")
+    families = time_families(cfg, data, noise, args.local_rounds) if args.families else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -336,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "step": steps,
                 "failed": failed,
                 "local_round": local,
+                "families_local_round": families,
             },
             indent=2,
         )
