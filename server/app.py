@@ -35,7 +35,6 @@ from fedmer.results.checkpoint import (
     resumable_checkpoint,
     save_checkpoint,
 )
-from fedmer.results.figures import plot_learning_curve
 from fedmer.results.layout import LEARNING_CURVE_PNG, run_dir
 from fedmer.results.progress import RoundProgress
 from fedmer.results.recorder import RunRecorder
@@ -145,6 +144,8 @@ def _run_server(grid: Grid, cfg: ExperimentConfig, run_id: int) -> dict[str, Any
             **stats_extra,
         },
     )
+    from fedmer.results.figures import plot_learning_curve  # matplotlib: ~0.5 s, at the end, not at start-up
+
     plot_learning_curve(
         recorder.rows,
         out_dir / LEARNING_CURVE_PNG,

@@ -27,3 +27,10 @@ def test_the_client_app_does_not_import_the_superlinks_state_or_grid() -> None:
     loaded = _modules_after("import client.app")
     assert "client.app" in loaded and "torch" in loaded
     assert not {"flwr.server.superlink.linkstate", "flwr.superlink.grid"} & loaded
+
+
+def test_the_server_app_leaves_matplotlib_to_the_end_of_the_run() -> None:
+    """matplotlib (~0.5 s of CPU) is for the learning curve drawn after the last round, not for
+    the start-up, when the driver shares the cores with Ray's workers importing the ClientApp."""
+    loaded = _modules_after("import server.app")
+    assert "server.app" in loaded and "matplotlib" not in loaded
