@@ -57,7 +57,7 @@ class BookkeepingModule(GradSampleModuleNoOp):
             if supports(m) and any(p.requires_grad for p in m.parameters(recurse=False))
         ]
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._record) for m in self.layers]
-        self._outputs: list[tuple[nn.Module, tuple[Tensor, ...], Tensor]] = []
+        self._outputs: list[tuple[nn.Module, tuple[Tensor, ...], Tensor, int]] = []
         self._calls: dict[nn.Module, list[Call]] | None = None
         self._wanted: tuple[frozenset[int], dict[nn.Module, Wanted]] | None = None  # per optimizer
         self._batch = 0
@@ -69,7 +69,7 @@ class BookkeepingModule(GradSampleModuleNoOp):
     def _record(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
             detached = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
-            self._outputs.append((module, detached, output))  # type: ignore[arg-type]
+            self._outputs.append((module, detached, output, output._version))  # type: ignore[arg-type]
 
     def backward(self, loss: Tensor) -> None:
         """The gradient of ``loss`` wrt every recorded layer output (and nothing else)."""
@@ -78,8 +78,15 @@ class BookkeepingModule(GradSampleModuleNoOp):
         outputs, self._outputs = self._outputs, []
         calls: dict[nn.Module, list[Call]] = defaultdict(list)
         if outputs:
-            grads = torch.autograd.grad(loss, [o for _, _, o in outputs], allow_unused=True)
-            for (module, inputs, output), g in zip(outputs, grads, strict=True):
+            for module, _, output, version in outputs:
+                if output._version != version:  # the gradient would be wrt the modified tensor
+                    raise ValueError(
+                        f"the output of {type(module).__name__} was modified in place after the layer ran "
+                        "(an in-place op such as +=, relu_ or inplace=True): book-keeping cannot attribute "
+                        "its gradient; compute it out of place, or use grad_sample_mode 'hooks' or 'ew'"
+                    )
+            grads = torch.autograd.grad(loss, [o for _, _, o, _ in outputs], allow_unused=True)
+            for (module, inputs, output, _), g in zip(outputs, grads, strict=True):
                 if output.shape[:1] != (self._batch,):
                     raise ValueError(
                         f"{type(module).__name__} output has leading dimension {tuple(output.shape[:1])}, "

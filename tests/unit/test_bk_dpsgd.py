@@ -286,3 +286,20 @@ def test_a_layer_that_does_not_see_the_batch_first_is_an_error() -> None:
     wrapped = BookkeepingModule(_Flattening())
     with pytest.raises(ValueError, match=r"Linear output has leading dimension \(8,\), the batch is 2"):
         wrapped.backward(wrapped(_draw(0, 2, 4, 3)).sum())
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.lin(x)
+        out.mul_(2.0)  # the recorded output is no longer the layer's output
+        return out.sum(1)
+
+
+def test_an_output_modified_in_place_is_an_error_not_a_wrong_norm() -> None:
+    wrapped = BookkeepingModule(_InPlace())
+    with pytest.raises(ValueError, match="output of Linear was modified in place"):
+        wrapped.backward(wrapped(_draw(0, 2, 3)).sum())
