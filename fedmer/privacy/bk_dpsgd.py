@@ -21,7 +21,6 @@ depends on no other sample (no BatchNorm; Opacus' validator refuses one).
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -35,8 +34,6 @@ from fedmer.privacy.dp_optimizer import LOSS_REDUCTION, SummedLossDPOptimizer
 from fedmer.privacy.ghost_norms import Call, Wanted, layer_clip, supports, trained_of
 
 __all__ = ["BOOKKEEPING_MODE", "BookkeepingDPOptimizer", "BookkeepingModule"]
-
-log = logging.getLogger(__name__)
 
 #: ``privacy.grad_sample_mode`` value that selects book-keeping (the others are Opacus' own).
 BOOKKEEPING_MODE = "bk"
@@ -67,7 +64,11 @@ class BookkeepingModule(GradSampleModuleNoOp):
         return super().forward(x, *args, **kwargs)  # type: ignore[no-any-return]
 
     def _record(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-        if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
+        if not torch.is_grad_enabled():
+            return  # evaluation: nothing to clip
+        if not isinstance(output, Tensor):
+            raise TypeError(f"{type(module).__name__} returned {type(output).__name__}, not a tensor")
+        if output.requires_grad:
             detached = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
             self._outputs.append((module, detached, output, output._version))  # type: ignore[arg-type]
 
@@ -85,14 +86,14 @@ class BookkeepingModule(GradSampleModuleNoOp):
                         "(an in-place op such as +=, relu_ or inplace=True): book-keeping cannot attribute "
                         "its gradient; compute it out of place, or use grad_sample_mode 'hooks' or 'ew'"
                     )
-            grads = torch.autograd.grad(loss, [o for _, _, o, _ in outputs], allow_unused=True)
-            for (module, inputs, output, _), g in zip(outputs, grads, strict=True):
                 if output.shape[:1] != (self._batch,):
                     raise ValueError(
                         f"{type(module).__name__} output has leading dimension {tuple(output.shape[:1])}, "
                         f"the batch is {self._batch}: per-sample clipping needs the batch first in every "
                         "layer (a flattened (batch x positions, features) input mixes samples)"
                     )
+            grads = torch.autograd.grad(loss, [o for _, _, o, _ in outputs], allow_unused=True)
+            for (module, inputs, output, _), g in zip(outputs, grads, strict=True):
                 calls[module].append(Call(inputs, torch.zeros_like(output) if g is None else g))
         self._calls = calls
 

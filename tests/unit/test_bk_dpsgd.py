@@ -303,3 +303,30 @@ def test_an_output_modified_in_place_is_an_error_not_a_wrong_norm() -> None:
     wrapped = BookkeepingModule(_InPlace())
     with pytest.raises(ValueError, match="output of Linear was modified in place"):
         wrapped.backward(wrapped(_draw(0, 2, 3)).sum())
+
+
+def test_a_hooked_layer_that_returns_no_tensor_is_an_error() -> None:
+    """Its parameters would otherwise get a zero per-sample gradient and silently never train."""
+
+    class _Pair(nn.Linear):
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+            return super().forward(x), x
+
+    class _Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Embedding(4, 3)
+            self.pair = _Pair(3, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.pair(self.layer(x))[0].sum((1, 2))
+
+    from opacus.grad_sample import GradSampleModule
+
+    GradSampleModule.GRAD_SAMPLERS[_Pair] = GradSampleModule.GRAD_SAMPLERS[nn.Linear]
+    try:
+        wrapped = BookkeepingModule(_Net())
+        with pytest.raises(TypeError, match="_Pair returned tuple, not a tensor"):
+            wrapped(torch.randint(0, 4, (2, 5)))
+    finally:
+        del GradSampleModule.GRAD_SAMPLERS[_Pair]
