@@ -60,24 +60,19 @@ def trained_of(module: nn.Module, trained: frozenset[int]) -> Wanted:
     return [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in trained]
 
 
-def _linear_product(
-    a: Tensor, g: Tensor, want_bias: bool
-) -> tuple[Tensor, Callable[[Tensor], Tensor], Tensor | None]:
-    """For ``G_n = g_n^T a_n`` (``a``: ``(N, T, d_in)``, ``g``: ``(N, T, d_out)``): squared norms,
-    the clipped-sum function, and the bias' per-sample gradients ``sum_t g_n`` (if asked)."""
+def _linear_product(a: Tensor, g: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """For ``G_n = g_n^T a_n`` (``a``: ``(N, T, d_in)``, ``g``: ``(N, T, d_out)``): squared norms
+    and the clipped-sum function, by the Gram route or the materialised ``G_n``, whichever is cheaper."""
     n, t, d_in = a.shape
     d_out = g.shape[2]
-    if t == 1:
-        sq = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
-        clip = lambda c: (g * c[:, None, None]).reshape(-1, d_out).T @ a.reshape(-1, d_in)  # noqa: E731
-    elif t * (d_in + d_out) < d_in * d_out:  # Gram matrices are cheaper than G_n
-        sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-        clip = lambda c: (g * c[:, None, None]).reshape(-1, d_out).T @ a.reshape(-1, d_in)  # noqa: E731
-    else:
-        per_sample = torch.bmm(g.transpose(1, 2), a).reshape(n, -1)
-        sq = per_sample.pow(2).sum(1)
-        clip = lambda c: (c @ per_sample).view(d_out, d_in)  # noqa: E731
-    return sq, clip, (g.sum(1) if want_bias else None)
+    if t * (d_in + d_out) < d_in * d_out or t == 1:  # Gram matrices (1 x 1 when t == 1) beat G_n
+        if t == 1:
+            sq = a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+        else:
+            sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return sq, lambda c: (g * c[:, None, None]).reshape(-1, d_out).T @ a.reshape(-1, d_in)
+    per_sample = torch.bmm(g.transpose(1, 2), a).reshape(n, -1)
+    return per_sample.pow(2).sum(1), lambda c: (c @ per_sample).view(d_out, d_in)
 
 
 def _assemble(
@@ -108,16 +103,18 @@ def _linear(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerCl
     a = _along_t([c.inputs[0].reshape(n, -1, module.in_features) for c in calls])
     g = _along_t([c.grad_output.reshape(n, -1, module.out_features) for c in calls])
     names = {name for name, _ in wanted}
-    sq, clip, gb = _linear_product(a, g, "bias" in names)
-    parts = {"weight": (sq, clip)}
-    if gb is not None:
-        parts["bias"] = _bias_part(gb)
+    parts: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]] = {}
+    if "weight" in names:
+        parts["weight"] = _linear_product(a, g)
+    if "bias" in names:
+        parts["bias"] = _bias_part(g.sum(1))
     return _assemble(wanted, parts)
 
 
 def _conv1d(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerClip:
-    """``nn.Conv1d`` (one call, ``groups=1``, zero padding): Gram matrices of the padded input,
-    summed along each kernel tap's diagonal, or the unfolded per-sample gradient if cheaper."""
+    """``nn.Conv1d`` (one call, ``groups=1``, zero padding): the input's Gram matrix, zero-padded
+    as the input is and summed along each kernel tap's diagonal, or the unfolded per-sample
+    gradient if cheaper."""
     assert isinstance(module, nn.Conv1d)
     (x,), g = calls[0].inputs, calls[0].grad_output
     (k,), (d,), (s,) = module.kernel_size, module.dilation, module.stride
@@ -125,7 +122,8 @@ def _conv1d(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerCl
     n, c_in, _ = x.shape
     c_out, length = g.shape[1], g.shape[2]
     parts: dict[str, tuple[Tensor, Callable[[Tensor], Tensor]]] = {}
-    if "weight" in {name for name, _ in wanted}:
+    names = {name for name, _ in wanted}
+    if "weight" in names:
         span = (length - 1) * s + 1
         if length * length * c_out + x.shape[2] ** 2 * c_in < c_out * c_in * k * length:
             # Gram of the input, zero-padded as the input is; tap j of output t reads t*s + j*d.
@@ -148,7 +146,7 @@ def _conv1d(module: nn.Module, calls: Sequence[Call], wanted: Wanted) -> LayerCl
             u = unfolded.permute(0, 2, 1, 3).reshape(n, length, c_in * k)
             per_sample = torch.bmm(g, u).reshape(n, -1)
             parts["weight"] = (per_sample.pow(2).sum(1), lambda c: c @ per_sample)
-    if module.bias is not None:
+    if "bias" in names:
         parts["bias"] = _bias_part(g.sum(2))
     return _assemble(wanted, parts)
 

@@ -202,15 +202,16 @@ def test_any_other_layer_opacus_samples_falls_back_to_its_sampler(
     _check(layer, _draw(2, *shape), seed=3)
 
 
-def test_only_the_optimizers_parameters_are_clipped_together() -> None:
+@pytest.mark.parametrize("part", ["weight", "bias"])
+def test_only_the_optimizers_parameters_are_clipped_together(part: str) -> None:
     """A frozen or untrained parameter counts in no norm (Opacus: the norm is over the optimizer's)."""
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)
     net = _Net(layer, 1, 0)
     x = _draw(0, 6, 4)
-    weight = [layer.weight]
-    norms, want = _truth(net, x, weight, 0.3)
-    got_norms, got = _bookkeeping(net, x, weight, 0.3)
+    trained = [getattr(layer, part)]
+    norms, want = _truth(net, x, trained, 0.3)
+    got_norms, got = _bookkeeping(net, x, trained, 0.3)
     torch.testing.assert_close(got_norms, norms, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-6)
     assert (norms > 0.3).any()
